@@ -1,0 +1,188 @@
+"""Cost of one MIVA over the base: measured time, counted FLOPs and peak memory, side by side.
+
+    python benchmarks/overhead.py                 # mid-size config on the CPU
+    python benchmarks/overhead.py --config full   # SD1.5 + AnimateDiff v3 at 16x512x320 (GPU)
+
+The base and base+MIVA UNets (random weights: values do not change cost) run interleaved in one
+process, so machine noise hits both alike. The FLOP ratio of the same two models on the same input
+is counted with torch.utils.flop_counter on the meta device: it is the floor that no implementation
+of the method can beat. Last line: `overhead_ratio X flop_ratio Y` (X = UNet step time ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from miva.adapter import attach  # noqa: E402
+from miva.backends import Base, animatediff  # noqa: E402
+from miva.config import MivaConfig  # noqa: E402
+from miva.pipeline import MivaPipeline  # noqa: E402
+
+
+def configs(name: str) -> tuple[dict, dict, dict, tuple[int, int, int]]:
+    """(unet, motion adapter, vae) configs and the latent (frames, h, w) of a benchmark config."""
+    unet = json.loads((animatediff.CONFIGS / "sd15_unet.json").read_text())
+    adapter = json.loads((animatediff.CONFIGS / "animatediff_motion_adapter_v1_5_3.json").read_text())
+    vae = json.loads((animatediff.CONFIGS / "sd15_vae.json").read_text())
+    if name == "full":
+        return unet, adapter, vae, (16, 40, 64)  # 16 x 320 x 512 pixels
+    # mid: SD1.5's topology (4 levels, 2 layers, 16 spatial / 20 motion attentions) at half width with
+    # 4 heads, so the head sizes stay SD1.5's (40-160): attention kernels run as efficiently as at full size.
+    channels = [160, 320, 640, 640]
+    unet.update(block_out_channels=channels, attention_head_dim=4, cross_attention_dim=384)
+    adapter.update(block_out_channels=channels, motion_num_attention_heads=4)
+    vae.update(block_out_channels=[32, 64, 64, 64])
+    return unet, adapter, vae, (16, 16, 24)  # 16 x 128 x 192 pixels
+
+
+def build(name: str, device: str, dtype: torch.dtype, miva: bool):
+    unet_cfg, adapter_cfg, _, (f, h, w) = configs(name)
+    unet = animatediff.build_unet(unet_cfg, adapter_cfg, device="meta" if device == "meta" else "cpu")
+    unet.requires_grad_(False).eval()
+    if device != "meta":
+        with animatediff.quiet_diffusers():
+            unet.to(device=device, dtype=dtype)
+    if miva:
+        torch.manual_seed(0)
+        manager = attach(unet, MivaConfig(base=name))
+        if device != "meta":  # trained-like weights: non-zero outputs, so nothing is skipped
+            with torch.no_grad():
+                for p in manager.parameters("default").values():
+                    p.normal_(0, 0.02)
+    sample = torch.randn(1, 4, f, h, w, device=device, dtype=dtype)
+    embeds = torch.randn(f, 77, unet_cfg["cross_attention_dim"], device=device, dtype=dtype)
+    return unet, sample, embeds
+
+
+def count_flops(name: str) -> tuple[int, int]:
+    totals = []
+    for miva in (False, True):
+        unet, sample, embeds = build(name, "meta", torch.float32, miva)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(sample, 500, encoder_hidden_states=embeds)
+        totals.append(counter.get_total_flops())
+    return totals[0], totals[1]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(models, device, repeats, warmup=2) -> list[float]:
+    """Median seconds per UNet step of each (unet, sample, embeds), interleaved."""
+    times = [[] for _ in models]
+    with torch.no_grad():
+        for r in range(warmup + repeats):
+            for i, (unet, sample, embeds) in enumerate(models):
+                sync(device)
+                start = time.perf_counter()
+                unet(sample, 500, encoder_hidden_states=embeds)
+                sync(device)
+                if r >= warmup:
+                    times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
+    """Median seconds of a whole image-to-video call (VAE encode, `steps` DDIM steps, decode)."""
+    _, _, vae_cfg, (f, h, w) = configs(name)
+    from diffusers import AutoencoderKL
+
+    with animatediff.quiet_diffusers():
+        vae = AutoencoderKL.from_config(vae_cfg).to(device=device, dtype=dtype).eval()
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    image = torch.rand(3, h * factor, w * factor)
+    pipes = []
+    for unet, _, embeds in models:
+        base = Base(id=name, unet=unet, vae=vae, scheduler=animatediff.tiny_scheduler(),
+                    null_prompt_embeds=embeds[:1], height=h * factor, width=w * factor, frames=f)
+        pipes.append(MivaPipeline(base))
+    times = [[] for _ in pipes]
+    for _ in range(repeats):
+        for i, pipe in enumerate(pipes):
+            sync(device)
+            start = time.perf_counter()
+            pipe(image, adapters=None, num_inference_steps=steps, seed=0)
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def peak_memory(name, device, dtype, miva) -> int:
+    """Peak bytes one UNet step adds: CUDA allocator peak, or on the CPU the rise of a fresh process's
+    peak RSS over its RSS before the step (activations and workspace; weights excluded)."""
+    if device.startswith("cuda"):
+        unet, sample, embeds = build(name, device, dtype, miva)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            unet(sample, 500, encoder_hidden_states=embeds)
+        peak = torch.cuda.max_memory_allocated()
+        del unet
+        torch.cuda.empty_cache()
+        return peak
+    code = (f"import gc, sys, torch; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            f"import overhead as o; u, s, e = o.build({name!r}, 'cpu', torch.float32, {miva}); gc.collect();"
+            "kb = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
+            "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS');"  # reset the peak (VmHWM)
+            "torch.no_grad().__enter__(); u(s, 500, encoder_hidden_states=e); print(kb('VmHWM') - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=["mid", "full"], default="mid")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sampling-steps", type=int, default=10)
+    parser.add_argument("--sampling-repeats", type=int, default=2)
+    args = parser.parse_args()
+    device = args.device
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+
+    base_flops, miva_flops = count_flops(args.config)
+    flop_ratio = miva_flops / base_flops
+    base = build(args.config, device, dtype, miva=False)
+    miva = (copy.deepcopy(base[0]), base[1], base[2])
+    torch.manual_seed(0)
+    manager = attach(miva[0], MivaConfig(base=args.config))
+    with torch.no_grad():
+        for p in manager.parameters("default").values():
+            p.normal_(0, 0.02)
+    f, h, w = base[1].shape[2:]
+    machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"config {args.config}: latents {f}x{h}x{w}, {dtype}, {machine}")
+    print(f"UNet step FLOPs: base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
+
+    step_base, step_miva = time_steps([base, miva], device, args.repeats)
+    print(f"UNet step time: base {step_base * 1e3:.1f} ms, +MIVA {step_miva * 1e3:.1f} ms "
+          f"(median of {args.repeats}, interleaved)")
+    sample_base, sample_miva = time_sampling(args.config, [base, miva], device, dtype, args.sampling_steps,
+                                             args.sampling_repeats)
+    print(f"sampling ({args.sampling_steps} DDIM steps + VAE): base {sample_base:.2f} s, +MIVA {sample_miva:.2f} s, "
+          f"end-to-end ratio {sample_miva / sample_base:.3f}")
+    del base, miva
+    mem_base, mem_miva = (peak_memory(args.config, device, dtype, m) for m in (False, True))
+    kind = "CUDA allocator peak, weights included" if device.startswith("cuda") else "peak RSS rise during one step"
+    print(f"memory ({kind}): base {mem_base / 2**20:.0f} MiB, +MIVA {mem_miva / 2**20:.0f} MiB, "
+          f"ratio {mem_miva / mem_base:.3f}")
+    print(f"overhead_ratio {step_miva / step_base:.3f} flop_ratio {flop_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

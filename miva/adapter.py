@@ -1,0 +1,309 @@
+"""Attach, detach, mix, save and load MIVAs on a diffusers `UNetMotionModel`.
+
+`attach(unet, config, name)` installs the MIVA processors on the spatial attentions and PEFT LoRA
+on the temporal attentions; `detach(unet)` restores the stock processors, layers and flags
+exactly. Several adapters can be attached at once and mixed with per-adapter weights (eq. S4).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, MivaConfig
+from .processors import CrossFrameAttnProcessor, ImplicitPromptProcessor, MivaContext
+
+MAX_WEIGHT = 2.0  # adapter weights live in [0, MAX_WEIGHT]; 1 is the adapter as trained
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Spatial transformer blocks: `...attentions.N.transformer_blocks.M.attn1|attn2` (not motion modules).
+_SPATIAL = re.compile(r"^(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)attentions\.\d+\.transformer_blocks\.\d+\.(attn[12])$")
+PARTS = ("cross_frame_attention", "implicit_prompt", "temporal_lora")
+
+
+def check_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed; use 1-64 letters, digits, '-' or '_', starting with a letter or digit."
+        )
+    return name
+
+
+def check_weight(name: str, weight: float) -> float:
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"the weight of adapter '{name}' must be a number, not {weight!r}.") from None
+    if not math.isfinite(weight) or not 0.0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"the weight of adapter '{name}' is {weight}; use a number from 0 to {MAX_WEIGHT:g}.")
+    return weight
+
+
+def _lora_target_regex(targets) -> str:
+    projections = "|".join(re.escape(t) for t in targets)
+    return rf".*motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.({projections})"
+
+
+class MivaAdapters:
+    """The MIVAs attached to one UNet: their processors, LoRA layers, weights and context."""
+
+    def __init__(self, unet, base: str):
+        self.unet = unet
+        self.base = base
+        self.context = MivaContext()
+        self.configs: dict[str, MivaConfig] = {}
+        self.trainable: str | None = None
+        self._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+        self._had_peft_config = hasattr(unet, "peft_config")
+        self._stock: dict[str, object] = {}
+        self._processors: dict[str, CrossFrameAttnProcessor | ImplicitPromptProcessor] = {}
+        for name, module in unet.named_modules():
+            match = _SPATIAL.match(name)
+            if match is None:
+                continue
+            self._stock[name] = module.processor
+            kind = CrossFrameAttnProcessor if match.group(2) == "attn1" else ImplicitPromptProcessor
+            self._processors[name] = kind(module, module.processor, self.context)
+        if not self._processors:
+            raise ValueError("this UNet has no spatial transformer blocks; MIVA needs a UNetMotionModel-style base.")
+        for name, processor in self._processors.items():
+            unet.get_submodule(name).set_processor(processor)
+        self._hooks = [
+            unet.register_forward_pre_hook(self._record_frames, with_kwargs=True),
+            unet.time_embedding.register_forward_hook(self._record_temb),
+        ]
+
+    # -- per-call state -------------------------------------------------------------------------
+    def _record_frames(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.context.num_frames = sample.shape[2]  # UNetMotionModel takes (b, c, f, h, w)
+
+    def _record_temb(self, module, args, output):
+        self.context.temb = output  # (b, d_t): c_t per clip, before diffusers repeats it per frame
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Activate these adapters with these weights (eq. S4); adapters not named are off."""
+        for name in weights:
+            if name not in self.configs:
+                raise KeyError(f"no adapter named '{name}' is attached; attached: {sorted(self.configs) or 'none'}.")
+        weights = {name: check_weight(name, w) for name, w in weights.items()}
+        self.context.weights = weights
+        active = [n for n, w in weights.items() if w != 0]
+        for layer in self._lora_layers():
+            layer.set_adapter(active, inference_mode=True)  # freezes all LoRA weights ...
+            for name, w in weights.items():
+                layer.set_scale(name, w)
+        self._apply_trainable()  # ... so give the trained adapter its gradients back
+
+    def set_trainable(self, name: str | None) -> None:
+        """Make exactly this adapter's parameters trainable (None: none); the base stays frozen."""
+        if name is not None and name not in self.configs:
+            raise KeyError(f"no adapter named '{name}' is attached.")
+        self.trainable = name
+        self._apply_trainable()
+
+    def _apply_trainable(self) -> None:
+        for adapter in self.configs:
+            for p in self.parameters(adapter).values():
+                p.requires_grad_(adapter == self.trainable)
+
+    # -- structure -------------------------------------------------------------------------------
+    def _lora_layers(self) -> list[BaseTunerLayer]:
+        return [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    def add(self, config: MivaConfig, name: str) -> None:
+        check_adapter_name(name)
+        if name in self.configs:
+            raise ValueError(f"an adapter named '{name}' is already attached; detach it or pick another name.")
+        if config.base != self.base:
+            raise ValueError(f"this adapter was made for base '{config.base}' but the loaded base is '{self.base}'.")
+        temb_dim = self.unet.time_embedding.linear_2.out_features
+        for module_name, processor in self._processors.items():
+            attn = self.unet.get_submodule(module_name)
+            if isinstance(processor, CrossFrameAttnProcessor):
+                if config.cross_frame_attention:
+                    processor.add_adapter(name, attn, temb_dim, config.cfa_rank, config.cfa_temperature)
+            elif config.implicit_prompt_rank:
+                processor.add_adapter(name, attn, config.implicit_prompt_rank)
+        if config.temporal_lora_rank:
+            lora = LoraConfig(
+                r=config.temporal_lora_rank,
+                lora_alpha=config.temporal_lora_rank,
+                target_modules=_lora_target_regex(config.temporal_lora_targets),
+                init_lora_weights=True,  # B = 0: an untrained adapter changes nothing
+            )
+            with warnings.catch_warnings():  # PEFT warns when a second adapter joins; that is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(lora, self.unet, adapter_name=name)
+        # PEFT marks the whole base frozen; keep the base's own flags and leave adapters off.
+        for pname, param in self.unet.named_parameters():
+            stock_name = pname.replace(".base_layer.", ".")
+            if stock_name in self._requires_grad:
+                param.requires_grad_(self._requires_grad[stock_name])
+        self.configs[name] = config
+        self.set_weights({**self.context.weights, name: 1.0})  # a new adapter starts active, as trained
+
+    def remove(self, name: str) -> None:
+        if name not in self.configs:
+            raise KeyError(f"no adapter named '{name}' is attached; attached: {sorted(self.configs) or 'none'}.")
+        for processor in self._processors.values():
+            if name in processor.adapters:
+                del processor.adapters[name]
+        for layer in self._lora_layers():
+            if name in layer.lora_A:
+                layer.delete_adapter(name)
+        getattr(self.unet, "peft_config", {}).pop(name, None)
+        del self.configs[name]
+        if self.trainable == name:
+            self.trainable = None
+        self.set_weights({n: w for n, w in self.context.weights.items() if n != name})
+
+    def close(self) -> None:
+        """Restore the stock model: processors, plain Linear layers, requires_grad flags."""
+        for name, processor in self._stock.items():
+            self.unet.get_submodule(name).set_processor(processor)
+        for name, module in list(self.unet.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.unet.get_submodule(parent_name), child, module.get_base_layer())
+        for hook in self._hooks:
+            hook.remove()
+        if not self._had_peft_config and hasattr(self.unet, "peft_config"):
+            del self.unet.peft_config
+        for pname, param in self.unet.named_parameters():
+            param.requires_grad_(self._requires_grad[pname])
+        self.configs.clear()
+
+    # -- parameters ------------------------------------------------------------------------------
+    def parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
+        """This adapter's parameters under canonical names (the adapter name removed)."""
+        markers = (f".adapters.{name}.", f".lora_A.{name}.", f".lora_B.{name}.")
+        found = {}
+        for pname, param in self.unet.named_parameters():
+            for marker in markers:
+                if marker in pname:
+                    found[pname.replace(marker, marker.replace(f".{name}.", "."))] = param
+        return found
+
+    def parameter_report(self, name: str) -> dict[str, int]:
+        counts = dict.fromkeys(PARTS, 0)
+        for key, param in self.parameters(name).items():
+            if ".lora_" in key:
+                counts["temporal_lora"] += param.numel()
+            elif ".attn1.processor." in key:
+                counts["cross_frame_attention"] += param.numel()
+            else:
+                counts["implicit_prompt"] += param.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: p.detach().to("cpu").contiguous() for k, p in self.parameters(name).items()}
+
+    def load_state_dict(self, name: str, tensors: dict[str, torch.Tensor], source: str = "the file") -> None:
+        params = self.parameters(name)
+        missing = sorted(set(params) - set(tensors))
+        unexpected = sorted(set(tensors) - set(params))
+        if missing:
+            raise ValueError(f"{source} lacks {len(missing)} of the adapter's {len(params)} tensors (e.g. '{missing[0]}'); it is incomplete or for another architecture.")
+        if unexpected:
+            raise ValueError(f"{source} has {len(unexpected)} tensors this base does not have (e.g. '{unexpected[0]}'); it was made for another architecture.")
+        for key, param in params.items():
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{source} has '{key}' of shape {tuple(tensors[key].shape)} but this base and config need "
+                    f"{tuple(param.shape)}; the rank or base differs from adapter_config.json."
+                )
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(tensors[key].to(param.dtype))
+
+
+# -- module-level API ------------------------------------------------------------------------------
+def adapters_of(unet) -> MivaAdapters | None:
+    return getattr(unet, "_miva_adapters", None)
+
+
+def attach(unet, config: MivaConfig, name: str = "default", base: str | None = None) -> MivaAdapters:
+    """Attach a freshly initialised MIVA; the first attach fixes the base id (default: config.base)."""
+    manager = adapters_of(unet)
+    if manager is None:
+        manager = MivaAdapters(unet, base or config.base)
+        unet._miva_adapters = manager
+    try:
+        manager.add(config, name)
+    except Exception:
+        if not manager.configs:
+            detach(unet)
+        raise
+    return manager
+
+
+def detach(unet, name: str | None = None) -> None:
+    """Remove one adapter, or all (name=None); with none left the stock model is restored exactly."""
+    manager = adapters_of(unet)
+    if manager is None:
+        return
+    if name is not None:
+        manager.remove(name)
+    if name is None or not manager.configs:
+        manager.close()
+        del unet._miva_adapters
+
+
+def save_adapter(unet, name: str, folder: str | Path, card: bool = True) -> Path:
+    """Write adapter_config.json, adapter_model.safetensors and a README.md model card."""
+    manager = adapters_of(unet)
+    if manager is None or name not in manager.configs:
+        raise KeyError(f"no adapter named '{name}' is attached, so there is nothing to save.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = manager.configs[name]
+    config.save(folder)
+    save_file(manager.state_dict(name), str(folder / WEIGHTS_NAME), metadata={"format": "pt", "base": config.base})
+    if card:
+        from .card import write_model_card
+
+        write_model_card(folder, config, manager.parameter_report(name))
+    return folder
+
+
+def read_adapter(folder: str | Path) -> tuple[MivaConfig, dict[str, torch.Tensor]]:
+    """Read an adapter folder (safetensors only: nothing is unpickled)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder '{folder}' does not exist; give a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    config = MivaConfig.load(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; the adapter folder needs {WEIGHTS_NAME} beside {CONFIG_NAME}.")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-save or re-download the adapter.") from None
+    return config, tensors
+
+
+def load_adapter(unet, folder: str | Path, name: str | None = None, base: str | None = None) -> str:
+    """Attach the adapter stored in `folder` under `name` (default: the folder's name)."""
+    folder = Path(folder)
+    config, tensors = read_adapter(folder)
+    manager = adapters_of(unet)
+    expected = manager.base if manager is not None else base
+    if expected is not None and config.base != expected:
+        raise ValueError(f"adapter '{folder.name}' was made for base '{config.base}' but the loaded base is '{expected}'.")
+    name = check_adapter_name(name or folder.name)
+    manager = attach(unet, config, name, base=base)
+    try:
+        manager.load_state_dict(name, tensors, source=f"{folder / WEIGHTS_NAME}")
+    except Exception:
+        detach(unet, name)
+        raise
+    return name

@@ -1,0 +1,205 @@
+"""`MivaPipeline`: image-to-video sampling with any number of MIVAs (paper §3, Alg. 1, eq. S4)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import schedules
+from .adapter import adapters_of, check_weight, detach, load_adapter
+from .backends import Base, load_base
+from .media import fit_image, image_to_tensor, load_image, save_video
+
+ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"
+
+
+@dataclass
+class MivaOutput:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    fps: int = 8
+    latents: torch.Tensor | None = None  # (1, c, F, h, w) final latents, before decoding
+
+    def save(self, path: str | Path) -> Path:
+        return save_video(self.frames, path, fps=self.fps)
+
+
+def resolve_adapter(spec: str | Path, search: tuple[Path, ...] = (ADAPTERS_DIR,), allow_paths: bool = True) -> Path:
+    """An adapter folder from a path (if `allow_paths`), or a name looked up in the adapters folder(s).
+
+    A name never becomes a path outside those folders: it must be a plain folder name. Callers that
+    take names from other people (the app, the API) pass allow_paths=False.
+    """
+    path = Path(spec)
+    if allow_paths and path.is_dir():
+        return path
+    name = str(spec)
+    if name in ("", ".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise FileNotFoundError(f"adapter '{spec}' was not found; give an adapter folder or the name of one in {search[0]}.")
+    for folder in search:
+        candidate = (folder / name).resolve()
+        if candidate.parent == folder.resolve() and candidate.is_dir():
+            return candidate
+    known = sorted(p.name for folder in search if folder.is_dir() for p in folder.iterdir() if p.is_dir())
+    raise FileNotFoundError(f"adapter '{spec}' was not found; known adapters: {', '.join(known) or 'none'}.")
+
+
+class MivaPipeline:
+    """Animate a first frame with the attached MIVAs.
+
+    The base stays frozen; adapters are attached by `load_adapter` and chosen per call with
+    weights. Every call gets its own scheduler and generator, so calls do not share sampling state.
+    """
+
+    def __init__(self, base: Base):
+        self.base = base
+
+    @classmethod
+    def from_base(cls, name: str = "animatediff-v3", device="cpu", dtype=torch.float32, **kwargs) -> "MivaPipeline":
+        return cls(load_base(name, device=device, dtype=dtype, **kwargs))
+
+    # -- adapters -------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict:
+        manager = adapters_of(self.base.unet)
+        return dict(manager.configs) if manager else {}
+
+    def load_adapter(self, spec: str | Path, name: str | None = None) -> str:
+        """Attach an adapter folder (or a name in adapters/); returns the name it is attached as."""
+        folder = resolve_adapter(spec)
+        name = name or folder.name
+        if name in self.adapters:
+            return name
+        return load_adapter(self.base.unet, folder, name=name, base=self.base.id)
+
+    def unload_adapter(self, name: str | None = None) -> None:
+        detach(self.base.unet, name)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def _check(self, num_frames, num_inference_steps, guidance_scale, height, width, shared_noise_ratio, dct_cutoff,
+               dct_timestep) -> None:
+        max_frames = getattr(self.base.unet.config, "motion_max_seq_length", None) or 32
+        if not isinstance(num_frames, int) or not 2 <= num_frames <= max_frames:
+            raise ValueError(f"num_frames is {num_frames}; ask for 2 to {max_frames} frames (the base's limit).")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps is {num_inference_steps}; use at least 1 step (25-50 is typical).")
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and 0 <= guidance_scale <= 20):
+            raise ValueError(f"guidance_scale is {guidance_scale}; use a number from 0 to 20 (1 = the paper's setting).")
+        multiple = self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"the video size {width}x{height} must be a positive multiple of {multiple} on this base.")
+        if not (math.isfinite(shared_noise_ratio) and 0 <= shared_noise_ratio <= 1):
+            raise ValueError(f"shared_noise_ratio is {shared_noise_ratio}; use a number from 0 to 1 (the paper uses 0.05).")
+        if not (math.isfinite(dct_cutoff) and 0 < dct_cutoff <= 1):
+            raise ValueError(f"dct_cutoff is {dct_cutoff}; use a number above 0 and at most 1 (the paper uses 0.23).")
+        train_steps = self.base.scheduler.config.num_train_timesteps
+        if not (isinstance(dct_timestep, int) and 0 <= dct_timestep < train_steps):
+            raise ValueError(f"dct_timestep is {dct_timestep}; use a whole number from 0 to {train_steps - 1} (the paper uses 975).")
+
+    def prepare_first_frame(self, image, height: int, width: int) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1]: loaded, made RGB, resized to cover and centre-cropped."""
+        return image_to_tensor(fit_image(load_image(image), width, height))
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.base.vae
+        latent = vae.encode(pixels.to(self.base.device, vae.dtype)).latent_dist.mode()
+        return latent * vae.config.scaling_factor  # (1, c, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
+        """(1, c, f, h, w) latents -> (f, H, W, 3) uint8, decoding a few frames at a time."""
+        vae = self.base.vae
+        frames = latents[0].transpose(0, 1) / vae.config.scaling_factor  # (f, c, h, w)
+        pixels = torch.cat([vae.decode(frames[i : i + chunk].to(vae.dtype)).sample for i in range(0, len(frames), chunk)])
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    def initial_latents(self, first, num_frames, scheduler, generator, shared_noise_ratio, dct_init, dct_cutoff,
+                        dct_timestep) -> torch.Tensor:
+        """x_T by Algorithm 1: shared noise, then DCTInit from the first frame (each switchable)."""
+        _, c, h, w = first.shape
+        noise = schedules.shared_noise((1, c, num_frames, h, w), ratio=shared_noise_ratio, generator=generator,
+                                       device=generator.device, dtype=torch.float32).to(first.device)
+        if not dct_init:
+            return (noise * scheduler.init_noise_sigma).to(first.dtype)
+        alpha_bar = float(scheduler.alphas_cumprod[dct_timestep])
+        return schedules.dct_init(first.float(), noise, alpha_bar, cutoff=dct_cutoff).to(first.dtype)
+
+    def predict_noise(self, latents, timestep, adapters: dict[str, float], guidance_scale: float) -> torch.Tensor:
+        """ε (or v) from the UNet with the adapters mixed by eq. S4.
+
+        guidance_scale g is motion guidance: ε_base + g (ε_miva - ε_base), ε_base being the base with
+        every adapter off; g = 1 (the paper's setting) needs one UNet pass per step.
+        """
+        unet, manager = self.base.unet, adapters_of(self.base.unet)
+        embeds = self.base.null_prompt_embeds.expand(latents.shape[2], -1, -1)  # (b f, tokens, d)
+
+        def run(weights):
+            if manager is not None:
+                manager.set_weights(weights)
+            return unet(latents, timestep, encoder_hidden_states=embeds).sample
+
+        eps = run(adapters)
+        if guidance_scale != 1 and adapters:
+            eps_base = run({})
+            eps = eps_base + guidance_scale * (eps - eps_base)
+        return eps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        adapters: dict[str, float] | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 1.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        shared_noise_ratio: float = 0.05,
+        dct_init: bool = True,
+        dct_cutoff: float = 0.23,
+        dct_timestep: int = 975,
+        adain: bool = True,
+        fps: int = 8,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> MivaOutput:
+        """Animate `image` with `adapters` ({name: weight}, weights in [0, 2]; None = all at 1)."""
+        base = self.base
+        num_frames = base.frames if num_frames is None else num_frames
+        height, width = height or base.height, width or base.width
+        self._check(num_frames, num_inference_steps, guidance_scale, height, width, shared_noise_ratio, dct_cutoff,
+                    dct_timestep)
+        attached = self.adapters
+        adapters = {name: 1.0 for name in attached} if adapters is None else dict(adapters)
+        for name, weight in adapters.items():
+            if name not in attached:
+                raise ValueError(f"adapter '{name}' is not loaded; loaded: {', '.join(attached) or 'none'}.")
+            check_weight(name, weight)
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(
+                int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            )
+
+        first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
+        scheduler.set_timesteps(num_inference_steps, device=base.device)
+        latents = self.initial_latents(first, num_frames, scheduler, generator, shared_noise_ratio, dct_init,
+                                       dct_cutoff, dct_timestep).to(base.device)
+        for i, t in enumerate(scheduler.timesteps):
+            latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
+            model_input = scheduler.scale_model_input(latents, t)
+            eps = self.predict_noise(model_input, t, adapters, guidance_scale)
+            latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+            if callback is not None:
+                callback(i + 1, len(scheduler.timesteps))
+        latents[:, :, 0] = first
+        if adain:
+            latents = schedules.adain(latents)  # once, after the last step (B.3.2)
+        return MivaOutput(frames=self.decode(latents), fps=fps, latents=latents)

@@ -1,0 +1,232 @@
+"""MIVA's attention processors (paper §3.3) and the context they share.
+
+diffusers routes every attention call through a processor; MIVA enters only there. Two processors:
+
+* `CrossFrameAttnProcessor` replaces the processor of each *spatial* self-attention (`attn1`): it
+  computes the stock self-attention and adds, per active adapter, a cross-frame attention (CFA)
+  from frame i to frame 1 and frame i-1 (eq. 2, mixed over adapters by eq. S4).
+* `ImplicitPromptProcessor` replaces the processor of each text cross-attention (`attn2`): it adds,
+  per active adapter, the implicit-prompt MLP on the frozen query projection (§3.3.2).
+
+Both hold their adapters' weights as sub-modules (`adapters[name]`), so the parameters appear in
+the UNet as `...attn1.processor.adapters.<name>.*`. Per-call state (which adapters, their weights,
+the frame count and the timestep embedding) cannot travel through diffusers' call chain, so it lives
+in one `MivaContext` that the processors read and that `miva.adapter` keeps up to date.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class MivaContext:
+    """Per-call state shared by all MIVA processors of one UNet."""
+
+    weights: dict[str, float] = field(default_factory=dict)  # active adapter -> weight (eq. S4)
+    num_frames: int | None = None  # frames per clip of the current forward pass
+    temb: torch.Tensor | None = None  # (b, d_t) timestep embedding c_t of the current pass
+
+    def active(self, adapters: nn.ModuleDict) -> list[tuple[nn.Module, float]]:
+        return [(adapters[name], w) for name, w in self.weights.items() if w != 0 and name in adapters]
+
+
+class LowRankLinear(nn.Module):
+    """x -> up(down(x)): a LoRA "attached to zero" (paper B.4.1), used for low-rank CFA variants."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, zero_init_up: bool = True):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        if zero_init_up:
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class CrossFrameAttention(nn.Module):
+    """One adapter's CFA at one spatial self-attention (§3.3.1).
+
+    Trainable: the query projection W_Q (initialised from the self-attention's `to_q`), the output
+    projection W_O (zero-initialised, so an untrained adapter adds exactly nothing) and the adaptive
+    weighting φ(c_t) = softmax(Linear(SiLU(c_t)) / τ) that gives (λ2, λ3) for frame 1 and frame i-1.
+    K and V are the self-attention's own frozen projections, reused rather than recomputed.
+    With `rank`, W_Q is the frozen `to_q` plus a rank-r LoRA and W_O a rank-r product (B.4.1).
+    """
+
+    def __init__(self, to_q: nn.Linear, out_dim: int, temb_dim: int, rank: int | None, temperature: float):
+        super().__init__()
+        inner_dim, query_dim = to_q.weight.shape
+        factory = {"device": to_q.weight.device, "dtype": to_q.weight.dtype}
+        self.rank = rank
+        self.temperature = temperature
+        if rank is None:
+            self.to_q = nn.Linear(query_dim, inner_dim, bias=to_q.bias is not None, **factory)
+            with torch.no_grad():
+                self.to_q.weight.copy_(to_q.weight)
+                if to_q.bias is not None:
+                    self.to_q.bias.copy_(to_q.bias)
+            self.to_out = nn.Linear(inner_dim, out_dim, **factory)
+            with torch.no_grad():
+                self.to_out.weight.zero_()
+                self.to_out.bias.zero_()
+        else:
+            self.to_q = LowRankLinear(query_dim, inner_dim, rank).to(**factory)  # added to the frozen to_q
+            self.to_out = LowRankLinear(inner_dim, out_dim, rank).to(**factory)
+        self.weighting = nn.Linear(temb_dim, 2, **factory)  # φ: zero-init -> λ2 = λ3 = 1/2 at the start
+        with torch.no_grad():
+            self.weighting.weight.zero_()
+            self.weighting.bias.zero_()
+
+    def query(self, hidden_states: torch.Tensor, base_query: torch.Tensor) -> torch.Tensor:
+        if self.rank is None:
+            return self.to_q(hidden_states)
+        return base_query + self.to_q(hidden_states)
+
+    def frame_weights(self, temb: torch.Tensor) -> torch.Tensor:
+        """(b, d_t) -> (b, 2): (λ2, λ3), the weights of frame 1 and frame i-1."""
+        logits = self.weighting(F.silu(temb.to(self.weighting.weight.dtype)))
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+
+class ImplicitPrompt(nn.Module):
+    """One adapter's implicit prompt at one text cross-attention (§3.3.2).
+
+    σ(f W_Q A) B, i.e. a 2-layer MLP after the frozen query projection: Linear(d, r) -> LayerNorm ->
+    GELU -> Linear(r, d), the last layer zero-initialised.
+    """
+
+    def __init__(self, inner_dim: int, out_dim: int, rank: int, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.down = nn.Linear(inner_dim, rank, bias=False, **factory)
+        self.norm = nn.LayerNorm(rank, **factory)
+        self.up = nn.Linear(rank, out_dim, bias=False, **factory)
+        with torch.no_grad():
+            self.up.weight.zero_()
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.norm(self.down(query))))
+
+
+def _check_plain_attention(attn) -> None:
+    """The MIVA processors implement the plain attention path that SD1.5-class UNets use."""
+    unsupported = [
+        name
+        for name in ("spatial_norm", "group_norm", "norm_q", "norm_k")
+        if getattr(attn, name, None) is not None
+    ]
+    if unsupported or attn.residual_connection or attn.rescale_output_factor != 1.0:
+        raise ValueError(
+            f"MIVA supports plain attention layers only; this one uses {unsupported or 'a residual/rescale'}, "
+            "so use a base with SD1.5-style transformer blocks."
+        )
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
+
+
+def _attend(attn, query, key, value, attention_mask=None) -> torch.Tensor:
+    """The stock attention from projected (b, h, n, d) heads to the output projection (b, n, c)."""
+    mask = None
+    if attention_mask is not None:  # as AttnProcessor2_0 prepares it
+        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], query.shape[0])
+        mask = mask.view(query.shape[0], attn.heads, -1, mask.shape[-1])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    return attn.to_out[1](attn.to_out[0](rearrange(out, "b h n d -> b n (h d)")))
+
+
+def _reference_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(b f, h, n, d) -> (b, f, h, 2n, d): for frame i, the tokens of frame 1 then of frame i-1.
+
+    Frame 1 is its own predecessor. Written into one buffer: a single copy of the keys/values.
+    """
+    x = rearrange(x, "(b f) h n d -> b f h n d", f=num_frames)
+    n = x.shape[3]
+    out = x.new_empty(x.shape[:3] + (2 * n, x.shape[4]))
+    out[:, :, :, :n] = x[:, :1]
+    out[:, 1:, :, n:] = x[:, :-1]
+    out[:, :1, :, n:] = x[:, :1]
+    return out
+
+
+class CrossFrameAttnProcessor(nn.Module):
+    """Spatial self-attention plus the CFA of every active adapter (eq. 2 and eq. S4)."""
+
+    def __init__(self, attn, stock, context: MivaContext):
+        super().__init__()
+        _check_plain_attention(attn)
+        self.stock = stock  # the processor we replaced: used as-is when no adapter is active
+        self.context = context
+        self.adapters = nn.ModuleDict()
+
+    def add_adapter(self, name: str, attn, temb_dim: int, rank: int | None, temperature: float) -> None:
+        out_dim = attn.to_out[0].out_features
+        self.adapters[name] = CrossFrameAttention(attn.to_q, out_dim, temb_dim, rank, temperature)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        active = self.context.active(self.adapters)
+        if not active or encoder_hidden_states is not None or hidden_states.ndim != 3:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        num_frames, clip_temb = self.context.num_frames, self.context.temb
+        if num_frames is None or clip_temb is None:
+            raise RuntimeError("MIVA context has no frame count or timestep embedding; call the UNet, not a block.")
+
+        # The stock self-attention, computing K and V once for both it and the CFA.
+        query = attn.to_q(hidden_states)  # (bf, n, c)
+        key = _split_heads(attn.to_k(hidden_states), attn.heads)  # (bf, h, n, d)
+        value = _split_heads(attn.to_v(hidden_states), attn.heads)
+        out = _attend(attn, _split_heads(query, attn.heads), key, value, attention_mask)
+
+        # CFA (eq. 2): one softmax over the 2n tokens of frame 1 and frame i-1; values x (λ2, λ3).
+        n = key.shape[2]
+        cfa_key = rearrange(_reference_frames(key, num_frames), "b f h n d -> (b f) h n d")
+        ref_value = _reference_frames(value, num_frames)  # (b, f, h, 2n, d)
+        for adapter, weight in active:
+            lam = adapter.frame_weights(clip_temb).to(value.dtype)  # (b, 2): λ2, λ3
+            scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]  # (b, 1, 1, 2n, 1)
+            cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
+            cfa_query = _split_heads(adapter.query(hidden_states, query), attn.heads)
+            cfa = F.scaled_dot_product_attention(cfa_query, cfa_key, cfa_value)
+            out = out + weight * adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)"))
+        return out
+
+
+class ImplicitPromptProcessor(nn.Module):
+    """Text cross-attention on the base's empty prompt plus every active adapter's implicit prompt.
+
+    Keeping the base's empty-prompt cross-attention (rather than dropping it) makes an untrained or
+    weight-0 adapter reproduce the base exactly; the implicit prompt is learned on top of it.
+    """
+
+    def __init__(self, attn, stock, context: MivaContext):
+        super().__init__()
+        _check_plain_attention(attn)
+        self.stock = stock
+        self.context = context
+        self.adapters = nn.ModuleDict()
+
+    def add_adapter(self, name: str, attn, rank: int) -> None:
+        weight = attn.to_q.weight
+        out_dim = attn.to_out[0].out_features
+        self.adapters[name] = ImplicitPrompt(weight.shape[0], out_dim, rank, device=weight.device, dtype=weight.dtype)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        active = self.context.active(self.adapters)
+        if not active or encoder_hidden_states is None or hidden_states.ndim != 3:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        query = attn.to_q(hidden_states)  # frozen W_Q: shared by the text attention and the MLPs
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        key = _split_heads(attn.to_k(context), attn.heads)
+        value = _split_heads(attn.to_v(context), attn.heads)
+        out = _attend(attn, _split_heads(query, attn.heads), key, value, attention_mask)
+        for adapter, weight in active:
+            out = out + weight * adapter(query)
+        return out

@@ -1,0 +1,53 @@
+"""`python -m miva animate` on the tiny base, with adapters and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from miva.adapter import attach, save_adapter
+from miva.cli import main, parse_adapter_spec
+from miva.config import MivaConfig
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("zoom", ("zoom", 1.0)), ("zoom:0.5", ("zoom", 0.5)), ("dir/zoom:2", ("dir/zoom", 2.0)), ("a:b", ("a:b", 1.0)),
+])
+def test_adapter_specs(spec, expected):
+    assert parse_adapter_spec(spec) == expected
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "first.png"
+    Image.fromarray(np.full((48, 40, 3), 120, np.uint8)).save(path)
+    return path
+
+
+def test_animate_writes_a_video(tmp_path, image, tiny_base, capsys):
+    attach(tiny_base.unet, MivaConfig(base="tiny", motion="spin"), "spin")
+    save_adapter(tiny_base.unet, "spin", tmp_path / "spin")
+    out = tmp_path / "out.mp4"
+    code = main(["animate", "--base", "tiny", "--image", str(image), "--adapter", f"{tmp_path / 'spin'}:0.7",
+                 "--frames", "4", "--steps", "2", "--out", str(out)])
+    assert code == 0 and out.stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--adapter", "no-such-adapter"], "adapter 'no-such-adapter' was not found"),
+    (["--frames", "1"], "ask for 2 to"),
+    (["--steps", "0"], "at least 1 step"),
+])
+def test_animate_errors_are_one_line(tmp_path, image, capsys, extra, message):
+    code = main(["animate", "--base", "tiny", "--image", str(image), "--out", str(tmp_path / "o.mp4"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_negative_weight_is_refused(tmp_path, image, tiny_base, capsys):
+    attach(tiny_base.unet, MivaConfig(base="tiny"), "spin")
+    save_adapter(tiny_base.unet, "spin", tmp_path / "spin")
+    code = main(["animate", "--base", "tiny", "--image", str(image), "--adapter", f"{tmp_path / 'spin'}:-1",
+                 "--frames", "2", "--steps", "1", "--out", str(tmp_path / "o.mp4")])
+    assert code == 2 and "use a number from 0 to 2" in capsys.readouterr().err
