@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sampling-steps", type=int, default=10)
-    parser.add_argument("--sampling-repeats", type=int, default=2)
+    parser.add_argument("--sampling-repeats", type=int, default=3)
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device and stop")
     args = parser.parse_args()
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -157,6 +158,10 @@ def main() -> None:
 
     base_flops, miva_flops = count_flops(args.config)
     flop_ratio = miva_flops / base_flops
+    if args.flops_only:
+        print(f"config {args.config}: UNet step FLOPs base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
+        print(f"flop_ratio {flop_ratio:.3f}")
+        return
     base = build(args.config, device, dtype, miva=False)
     miva = (copy.deepcopy(base[0]), base[1], base[2])
     torch.manual_seed(0)
