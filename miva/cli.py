@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
-BASE_CHOICES = ("animatediff-v3", "tiny")
+BASE_CHOICES = ("toy", "animatediff-v3", "tiny")
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -38,13 +39,7 @@ def cmd_params(args) -> int:
 
 
 def cmd_animate(args) -> int:
-    import torch
-
-    from .pipeline import MivaPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") and args.base != "tiny" else torch.float32
-    pipe = MivaPipeline.from_base(args.base, device=device, dtype=dtype)
+    pipe = load_pipeline(args)
     weights = {}
     for spec in args.adapter:
         path, weight = parse_adapter_spec(spec)
@@ -57,6 +52,59 @@ def cmd_animate(args) -> int:
     )
     path = out.save(args.out)
     print(f"wrote {path} ({len(out.frames)} frames, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def load_pipeline(args):
+    import torch
+
+    from .pipeline import MivaPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") and args.base == "animatediff-v3" else torch.float32
+    return MivaPipeline.from_base(args.base, device=device, dtype=dtype)
+
+
+def _training_clips(args, frames: int, size: tuple[int, int]):
+    """The clips to learn from: --clips (a folder of clips) or --stills with --camera."""
+    from pathlib import Path
+
+    from . import data
+
+    if args.stills:
+        if not args.camera:
+            raise ValueError("--stills needs --camera (zoom-in, zoom-out, pan-left or pan-right).")
+        clipset = data.camera_clips(args.stills, args.camera, per_still=args.per_still, frames=frames, size=size,
+                                    seed=args.seed, on_error=args.on_error)
+        return clipset, args.motion or args.camera
+    if args.clips:
+        clipset = data.load_clips(args.clips, frames=frames, stride=args.stride, size=size, on_error=args.on_error)
+        return clipset, args.motion or Path(args.out).name
+    raise ValueError("give --clips DIR (videos of the motion) or --stills DIR with --camera MOTION.")
+
+
+def cmd_train(args) -> int:
+    from .train import format_eta, train_adapter
+
+    pipe = load_pipeline(args)
+    with warnings.catch_warnings():  # skipped files are printed below, once each
+        warnings.simplefilter("ignore", UserWarning)
+        clipset, motion = _training_clips(args, args.frames or pipe.base.frames, (pipe.base.height, pipe.base.width))
+    for warning in clipset.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"training '{motion}' on {len(clipset.clips)} clips of {clipset.clips[0].shape[0]} frames ({args.base} base)")
+
+    def progress(step, total, loss, eta):
+        if step == 1 or step % max(1, total // 20) == 0 or step == total:
+            print(f"step {step}/{total}  loss {loss:.4f}  eta {format_eta(eta)}", flush=True)
+
+    folder = train_adapter(
+        pipe, clipset.clips, args.out, motion, name=args.name, steps=args.steps, lr=args.lr, batch=args.batch,
+        seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, callback=progress,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        sources=clipset.names,
+    )
+    print(f"wrote adapter {folder}")
     return 0
 
 
@@ -81,9 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--no-dct-init", action="store_true", help="start from plain noise")
     animate.add_argument("--no-adain", action="store_true", help="skip AdaIN post-processing")
     animate.add_argument("--fps", type=int, default=8)
-    animate.add_argument("--base", default="animatediff-v3", choices=BASE_CHOICES)
+    animate.add_argument("--base", default="toy", choices=BASE_CHOICES)
     animate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     animate.set_defaults(run=cmd_animate)
+
+    train = sub.add_parser("train", help="teach a new motion from a few clips (or stills + a camera motion)")
+    train.add_argument("--clips", help="folder of clips (mp4, webm, gif, or folders of frames)")
+    train.add_argument("--stills", help="folder of still images, turned into camera-motion clips")
+    train.add_argument("--camera", help="with --stills: zoom-in, zoom-out, pan-left, pan-right")
+    train.add_argument("--per-still", type=int, default=5, help="clips made from each still")
+    train.add_argument("--out", required=True, help="adapter folder to write (its name is the adapter's name)")
+    train.add_argument("--name", default=None, help="adapter name (default: the --out folder's name)")
+    train.add_argument("--motion", default=None, help="motion described in the card (default: the name)")
+    train.add_argument("--steps", type=int, default=500)
+    train.add_argument("--lr", type=float, default=None, help="AdamW lr (default: 1e-5 real base, 1e-3 toy)")
+    train.add_argument("--batch", type=int, default=1)
+    train.add_argument("--frames", type=int, default=None, help="frames per clip (default: the base's, 16)")
+    train.add_argument("--stride", type=int, default=1, help="take every N-th frame of each clip")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=50)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="unreadable clips: skip or stop")
+    train.add_argument("--mixed-precision", choices=["float16", "bfloat16"], default=None, help="GPU autocast")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--base", default="toy", choices=BASE_CHOICES)
+    train.add_argument("--device", default=None)
+    train.set_defaults(run=cmd_train)
     return parser
 
 

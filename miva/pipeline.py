@@ -130,7 +130,7 @@ class MivaPipeline:
         alpha_bar = float(scheduler.alphas_cumprod[dct_timestep])
         return schedules.dct_init(first.float(), noise, alpha_bar, cutoff=dct_cutoff).to(first.dtype)
 
-    def predict_noise(self, latents, timestep, adapters: dict[str, float], guidance_scale: float) -> torch.Tensor:
+    def predict_noise(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float) -> torch.Tensor:
         """ε (or v) from the UNet with the adapters mixed by eq. S4.
 
         guidance_scale g is motion guidance: ε_base + g (ε_miva - ε_base), ε_base being the base with
@@ -138,6 +138,7 @@ class MivaPipeline:
         """
         unet, manager = self.base.unet, adapters_of(self.base.unet)
         embeds = self.base.null_prompt_embeds.expand(latents.shape[2], -1, -1)  # (b f, tokens, d)
+        latents = self.base.model_input(latents, first)
 
         def run(weights):
             if manager is not None:
@@ -195,7 +196,7 @@ class MivaPipeline:
         for i, t in enumerate(scheduler.timesteps):
             latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
             model_input = scheduler.scale_model_input(latents, t)
-            eps = self.predict_noise(model_input, t, adapters, guidance_scale)
+            eps = self.predict_noise(model_input, first, t, adapters, guidance_scale)
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
             if callback is not None:
                 callback(i + 1, len(scheduler.timesteps))

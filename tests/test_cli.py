@@ -51,3 +51,30 @@ def test_negative_weight_is_refused(tmp_path, image, tiny_base, capsys):
     code = main(["animate", "--base", "tiny", "--image", str(image), "--adapter", f"{tmp_path / 'spin'}:-1",
                  "--frames", "2", "--steps", "1", "--out", str(tmp_path / "o.mp4")])
     assert code == 2 and "use a number from 0 to 2" in capsys.readouterr().err
+
+
+def test_train_from_a_folder_of_clips(tmp_path, capsys):
+    from miva.media import save_video
+    from miva.toy.world import WorldConfig, make_clip
+
+    clips = tmp_path / "clips"
+    for seed in range(2):
+        save_video(make_clip("move-left", seed, WorldConfig(size=32, frames=4)).frames, clips / f"c{seed}.mp4")
+    (clips / "notes.txt").write_text("not a clip")
+    out = tmp_path / "adapters" / "slide"
+    code = main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(out), "--frames", "4", "--steps", "2",
+                 "--checkpoint-every", "1"])
+    captured = capsys.readouterr()
+    assert code == 0 and (out / "adapter_model.safetensors").is_file() and (out / "preview.gif").is_file()
+    assert "step 2/2" in captured.out and "notes.txt" in captured.err
+    assert main(["animate", "--base", "tiny", "--image", str(tmp_path / "none.png"), "--adapter", str(out)]) == 2
+
+
+def test_train_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    assert main(["train", "--base", "tiny", "--clips", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", "--base", "tiny", "--stills", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-2].startswith("error: no usable clips") or "no usable" in errors[-2]
+    assert errors[-1] == "error: --stills needs --camera (zoom-in, zoom-out, pan-left or pan-right)."

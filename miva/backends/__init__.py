@@ -1,7 +1,8 @@
 """Base video models MIVA runs on. A backend builds a `Base`: the components a pipeline needs.
 
-Names: `animatediff-v3` (SD1.5 + AnimateDiff v3 motion adapter from the Hub) and `tiny` (a tiny
-random model of the same classes, for tests and offline smoke runs; its videos are noise).
+Names: `toy` (the embedded toy base in assets/, offline), `animatediff-v3` (SD1.5 + AnimateDiff v3
+motion adapter from the Hub) and `tiny` (a tiny random model of the same classes, for tests and
+offline smoke runs; its videos are noise).
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ class Base:
     width: int
     frames: int = 16
     description: str = ""
+    vae_scale_factor: int = 0  # pixels per latent pixel; 0: derived from an AutoencoderKL config
+    concat_first_frame: bool = False  # the UNet also takes the clean first-frame latent as input channels
     extras: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.vae_scale_factor:
+            self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def model_input(self, latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """The UNet's input for (b, c, f, h, w) latents and the (b, c, h, w) clean first-frame latent."""
+        if not self.concat_first_frame:
+            return latents
+        return torch.cat([latents, first[:, :, None].expand_as(latents)], dim=1)
 
     @property
     def device(self) -> torch.device:
@@ -34,12 +47,8 @@ class Base:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-
-BASES = ("animatediff-v3", "tiny")
+BASES = ("toy", "animatediff-v3", "tiny")
 
 
 def load_base(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> Base:
@@ -50,6 +59,10 @@ def load_base(name: str, device: str | torch.device = "cpu", dtype: torch.dtype 
         return animatediff.load(device=device, dtype=dtype, **kwargs)
     if name == "tiny":
         return animatediff.tiny(device=device, dtype=dtype, **kwargs)
+    if name == "toy":
+        from ..toy.base import load_toy
+
+        return load_toy(device=device, dtype=dtype, **kwargs)
     raise ValueError(f"unknown base '{name}'; choose one of: {', '.join(BASES)}.")
 
 
@@ -61,4 +74,8 @@ def meta_unet(name: str):
         return animatediff.meta_unet()
     if name == "tiny":
         return animatediff.build_unet(*animatediff.tiny_configs()[:2], device="meta")
+    if name == "toy":
+        from ..toy.base import toy_configs
+
+        return animatediff.build_unet(*toy_configs(), device="meta")
     raise ValueError(f"no full-size configuration is kept for base '{name}'; choose one of: {', '.join(BASES)}.")

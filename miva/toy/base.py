@@ -1,0 +1,144 @@
+"""The embedded toy base: a tiny `UNetMotionModel` on 32x32 toy-world clips, shipped in assets/.
+
+Same diffusers classes as the real backend, with three stand-ins, each chosen so the tiny model
+spends its capacity on motion rather than on things the real base gets from pre-training:
+* VAE: an exact, invertible 2x pixel-unshuffle (`PixelShuffleVAE`): 32x32x3 -> 12x16x16. A learned
+  tiny VAE would add reconstruction error to every frame we measure; this adds none.
+* Text: a learned "empty prompt" embedding trained with the UNet (no text encoder to download).
+* First frame: its clean latent replaces frame 0 at every step (as on the real base) and is also
+  concatenated to every frame's input channels (PIA-style `conv_in`), which a tiny model needs to
+  carry frame 0 forward (measured: without it, it did not learn to in 20 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNetMotionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors.torch import load_file, save_file
+
+from ..backends import Base
+from ..backends.animatediff import SCHEDULER_OVERRIDES, build_unet, quiet_diffusers
+
+BASE_ID = "toy-v1"
+ASSET = Path(__file__).resolve().parents[2] / "assets" / "toy-base"
+SIZE, FRAMES = 32, 16
+
+
+class PixelShuffleVAE(ModelMixin, ConfigMixin):
+    """An exact autoencoder: encode = pixel-unshuffle, decode = pixel-shuffle (AutoencoderKL's API)."""
+
+    @register_to_config
+    def __init__(self, factor: int = 2, scaling_factor: float = 1.0):
+        super().__init__()
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> AutoencoderKLOutput:
+        z = F.pixel_unshuffle(x, self.config.factor)  # (b, 3 r^2, h / r, w / r)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), deterministic=True))
+
+    def decode(self, z: torch.Tensor) -> DecoderOutput:
+        return DecoderOutput(sample=F.pixel_shuffle(z, self.config.factor))
+
+
+def toy_configs() -> tuple[dict, dict]:
+    """UNet2DConditionModel and MotionAdapter configs of the toy base (12 + 12 input channels)."""
+    channels = [48, 96, 128]
+    unet = dict(
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+        sample_size=SIZE // 2,
+        in_channels=24,
+        out_channels=12,
+    )
+    adapter = dict(
+        block_out_channels=channels,
+        motion_layers_per_block=1,
+        motion_num_attention_heads=4,
+        motion_norm_num_groups=16,
+        motion_max_seq_length=32,
+        use_motion_mid_block=False,
+        conv_in_channels=None,
+    )
+    return unet, adapter
+
+
+def toy_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction", **SCHEDULER_OVERRIDES)
+
+
+def new_toy(seed: int = 0) -> tuple[UNetMotionModel, torch.nn.Parameter]:
+    """A freshly initialised toy UNet and its learned empty-prompt embedding (1, 4, 64)."""
+    unet_config, adapter_config = toy_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = build_unet(unet_config, adapter_config)
+        prompt = torch.nn.Parameter(torch.randn(1, 4, unet_config["cross_attention_dim"]) * 0.02)
+    return unet, prompt
+
+
+def save_toy(unet, prompt: torch.Tensor, folder: str | Path, card: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    tensors["null_prompt_embeds"] = prompt.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"base": BASE_ID})
+    unet_config, adapter_config = toy_configs()
+    (folder / "config.json").write_text(json.dumps(
+        {"base": BASE_ID, "unet": unet_config, "motion_adapter": adapter_config, **(card or {})}, indent=2) + "\n")
+    return folder
+
+
+def export_checkpoint(folder: str | Path = ASSET, card: dict | None = None) -> Path:
+    """Write folder/model.safetensors from the EMA weights of the training checkpoint in folder/checkpoint."""
+    folder = Path(folder)
+    state = folder / "checkpoint" / "state.safetensors"
+    if not state.is_file():
+        raise FileNotFoundError(f"no training checkpoint in '{folder}'; run `python -m miva.toy train-base` first.")
+    tensors = load_file(str(state))
+    info = json.loads((folder / "checkpoint" / "state.json").read_text())
+    unet, prompt = new_toy()
+    ema = {k[len("extra.ema.unet."):]: v for k, v in tensors.items() if k.startswith("extra.ema.unet.")}
+    missing = set(dict(unet.named_parameters())) - set(ema)
+    if missing:
+        raise ValueError(f"the checkpoint in '{folder}' lacks EMA weights for {len(missing)} parameters; it is not a toy-base run.")
+    unet.load_state_dict(ema, strict=False)  # buffers (positional encodings) are rebuilt, not trained
+    with torch.no_grad():
+        prompt.copy_(tensors["extra.ema.null_prompt_embeds"])
+    losses = info["losses"]
+    card = {"trained_steps": info["step"], "seconds": round(info["seconds"]), **info["meta"],
+            "final_loss_smoothed": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5), **(card or {})}
+    return save_toy(unet, prompt, folder, card)
+
+
+def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> Base:
+    """The shipped toy base as a `Base` (safetensors only)."""
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"toy base weights '{weights}' are missing; train them with `python -m miva.toy train-base`.")
+    tensors = load_file(str(weights))
+    unet, _ = new_toy()
+    unet.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
+    unet.requires_grad_(False).eval()
+    with quiet_diffusers():
+        unet.to(device=device, dtype=dtype)
+    vae = PixelShuffleVAE().to(device=device, dtype=dtype)
+    return Base(
+        id=BASE_ID, unet=unet, vae=vae, scheduler=toy_scheduler(),
+        null_prompt_embeds=tensors["null_prompt_embeds"].to(device=device, dtype=dtype),
+        height=SIZE, width=SIZE, frames=FRAMES, description="embedded toy base (32x32 toy world)",
+        vae_scale_factor=2, concat_first_frame=True,
+    )

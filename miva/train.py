@@ -1,0 +1,331 @@
+"""Training: the denoising loss with a clean first frame, and a resumable training loop.
+
+One loop serves both the few-shot adapter training (only the MIVA's parameters learn) and the toy
+base (every UNet parameter learns). Every random draw of step s comes from a generator seeded by
+(seed, s), and the data of step s is a function of s, so a run resumed from its last checkpoint
+continues exactly as if it had never stopped: checkpoints hold the step, the parameters, the
+optimiser state and the loss history (safetensors + JSON, nothing pickled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapter import attach, check_adapter_name, detach, save_adapter
+from .backends import Base
+from .config import WEIGHTS_NAME, MivaConfig
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of training step `step`: independent of how the run was split into sessions."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+
+
+def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator, min_snr: float | None = 5.0,
+                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoising loss on (b, c, f, h, w) clean latents; frame 0 stays clean and is not in the loss.
+
+    The target follows the scheduler's prediction type (ε or v); `min_snr` applies Min-SNR-γ loss
+    weighting (Hang et al. 2023), None for plain MSE.
+    """
+    scheduler = base.scheduler
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    first = latents[:, :, 0]
+    noisy[:, :, 0] = first  # the clean first frame, as at sampling time
+    embeds = base.null_prompt_embeds.expand(b * latents.shape[2], -1, -1)
+    pred = base.unet(base.model_input(noisy, first), timesteps, encoder_hidden_states=embeds).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_clip = (pred[:, :, 1:] - target[:, :, 1:]).pow(2).mean(dim=(1, 2, 3, 4))  # (b,)
+    if min_snr is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = snr.clamp(max=min_snr) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+        per_clip = per_clip * weight
+    return per_clip.mean()
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)  # what the run was (checked on resume)
+
+
+def save_checkpoint(folder: Path, state: TrainState, params: dict[str, torch.Tensor], optimizer, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write params, optimiser moments and the JSON state atomically enough: state.json last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in params.items()}
+    names = list(params)
+    for index, moments in optimizer.state_dict()["state"].items():
+        for key, value in moments.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{names[index]}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    for key, value in (extra or {}).items():
+        tensors[f"extra.{key}"] = value.detach().cpu().contiguous()
+    tmp = folder / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "state.safetensors")
+    groups = optimizer.state_dict()["param_groups"]
+    (folder / "state.json").write_text(json.dumps({
+        "step": state.step, "losses": state.losses, "seconds": state.seconds, "meta": state.meta,
+        "param_groups": groups}, indent=1) + "\n")
+
+
+def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore params and optimiser from `folder`; returns the state and the extra tensors."""
+    info = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    missing = [k for k in params if f"param.{k}" not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint '{folder}' lacks {len(missing)} parameters (e.g. '{missing[0]}'); it is from another run.")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[f"param.{key}"])
+    names = list(params)
+    state = {}
+    for index, name in enumerate(names):
+        moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
+        if moments:
+            state[index] = moments
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return TrainState(info["step"], info["losses"], info["seconds"], info.get("meta", {})), extra
+
+
+ProgressCallback = Callable[[int, int, float, float], None]  # (step, total, loss, eta_seconds)
+
+
+def run_training(
+    params: dict[str, torch.nn.Parameter],
+    loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+    steps: int,
+    folder: Path,
+    seed: int = 0,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    warmup: int = 0,
+    grad_clip: float = 1.0,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    meta: dict | None = None,
+    callback: ProgressCallback | None = None,
+    ema: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainState:
+    """AdamW on `params` for `steps` steps of `loss_fn(step, generator)`, checkpointing to folder/checkpoint.
+
+    `ema` keeps an exponential moving average of the parameters (saved with the checkpoint and
+    returned in state.meta['ema'] as tensors' names); `should_stop` lets a UI stop between steps.
+    """
+    folder = Path(folder)
+    ckpt = folder / CHECKPOINT_DIR
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    averages = {k: p.detach().clone() for k, p in params.items()} if ema else {}
+    state = TrainState(meta=dict(meta or {}))
+    if resume and (ckpt / "state.json").is_file():
+        state, extra = load_checkpoint(ckpt, params, optimizer)
+        if meta and {k: state.meta.get(k) for k in meta} != {k: meta[k] for k in meta}:
+            raise ValueError(f"the checkpoint in '{folder}' is from a different run ({state.meta}); use another --out folder or drop --resume.")
+        averages = {k: extra.get(f"ema.{k}", p.detach().clone()) for k, p in params.items()} if ema else {}
+    elif (ckpt / "state.json").is_file():
+        raise ValueError(f"'{folder}' already holds a training run; pass --resume to continue it or choose another --out folder.")
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+    def checkpoint() -> None:
+        extra = {f"ema.{k}": v for k, v in averages.items()}
+        save_checkpoint(ckpt, state, params, optimizer, extra)
+
+    start = time.perf_counter()
+    first_step = state.step
+    while state.step < steps:
+        if should_stop is not None and should_stop():
+            if state.step > first_step:
+                state.seconds += time.perf_counter() - start
+                checkpoint()  # a stop keeps all finished steps
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule(state.step)
+        loss = loss_fn(state.step, step_generator(seed, state.step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
+        optimizer.step()
+        if ema:
+            with torch.no_grad():
+                for k, p in params.items():
+                    averages[k].lerp_(p.detach(), 1 - ema)
+        state.step += 1
+        value = float(loss.detach())
+        state.losses.append(value)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (state.step - first_step) * (steps - state.step)
+        if callback is not None:
+            callback(state.step, steps, value, eta)
+        if state.step % checkpoint_every == 0 or state.step == steps:
+            state.seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            first_step = state.step
+            checkpoint()
+    if ema:
+        state.meta["ema"] = averages
+    return state
+
+
+def smoothed(values: Iterable[float], window: int = 20) -> list[float]:
+    values = list(values)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_losses(losses: list[float], path: Path, title: str = "training loss") -> Path:
+    """A loss-curve PNG (raw and smoothed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(losses, alpha=0.3, label="loss")
+    ax.plot(smoothed(losses, max(1, len(losses) // 20)), label="smoothed")
+    ax.set_xlabel("step")
+    ax.set_yscale("log" if min(losses, default=1) > 0 else "linear")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(math.ceil(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# -- few-shot adapter training ---------------------------------------------------------------------
+DEFAULT_LR = {"animatediff-v3": 1e-5}  # the paper's Adam lr for the real base; others: FALLBACK_LR
+FALLBACK_LR = 1e-3
+
+
+def encode_clips(pipe, clips: list[np.ndarray], chunk: int = 8) -> torch.Tensor:
+    """(F, H, W, 3) uint8 clips at the base's size -> (n, c, F, h, w) latents, encoded once."""
+    out = []
+    for clip in clips:
+        pixels = torch.from_numpy(np.ascontiguousarray(clip)).float().div(127.5).sub(1).permute(0, 3, 1, 2)
+        latents = torch.cat([pipe.encode(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)])
+        out.append(latents.transpose(0, 1))  # (c, F, h, w)
+    return torch.stack(out)
+
+
+def train_adapter(
+    pipe,
+    clips: list[np.ndarray],
+    out: str | Path,
+    motion: str,
+    name: str | None = None,
+    steps: int = 500,
+    lr: float | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    resume: bool = False,
+    checkpoint_every: int = 50,
+    config: MivaConfig | None = None,
+    callback: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    mixed_precision: str | None = None,
+    gradient_checkpointing: bool = False,
+    preview_steps: int = 25,
+    sources: list[str] | None = None,
+) -> Path | None:
+    """Teach `pipe`'s base a motion from `clips`; write the adapter (card, preview GIF, loss curve) to `out`.
+
+    Returns the adapter folder, or None when `should_stop` ended the run early (its checkpoint stays,
+    so `resume=True` continues it).
+    """
+    base, out = pipe.base, Path(out)
+    name = check_adapter_name(name or out.name)
+    if not clips:
+        raise ValueError("no clips to train on; give at least one clip of the motion.")
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps ({steps}) and batch ({batch}) must be at least 1.")
+    if (out / WEIGHTS_NAME).is_file() and not (out / CHECKPOINT_DIR).is_dir():
+        raise ValueError(f"'{out}' already holds a finished adapter; choose another --out folder.")
+    if name in pipe.adapters:
+        raise ValueError(f"an adapter named '{name}' is loaded; unload it or train under another name.")
+    lr = lr if lr is not None else DEFAULT_LR.get(base.id, FALLBACK_LR)
+    frames = clips[0].shape[0]
+    latents = encode_clips(pipe, clips).to(base.device)  # (n, c, F, h, w)
+    config = config or MivaConfig(base=base.id)
+    config.motion = motion
+    config.training = {"clips": len(clips), "frames": frames, "steps": steps, "lr": lr, "batch": batch,
+                       "seed": seed, "sources": list(sources or [])[:16]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        manager = attach(base.unet, config, name, base=base.id)
+    try:
+        manager.set_trainable(name)
+        manager.set_weights({name: 1.0})
+        if gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+        params = manager.parameters(name)
+        autocast = (torch.autocast(device_type=base.device.type, dtype=getattr(torch, mixed_precision))
+                    if mixed_precision else contextlib.nullcontext())
+
+        def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+            index = torch.randint(0, len(latents), (batch,), generator=generator)
+            with autocast:
+                return diffusion_loss(base, latents[index.to(latents.device)], generator)
+
+        base.unet.train()
+        state = run_training(
+            params, loss_fn, steps, out, seed=seed, lr=lr, checkpoint_every=checkpoint_every, resume=resume,
+            meta={"what": "adapter", "base": base.id, "motion": motion, "clips": len(clips), "batch": batch,
+                  "seed": seed, "lr": lr}, callback=callback, should_stop=should_stop,
+        )
+        base.unet.eval()
+        if gradient_checkpointing:
+            base.unet.disable_gradient_checkpointing()
+        if state.step < steps:
+            return None
+        config.training["seconds"] = round(state.seconds, 1)
+        config.training["final_loss"] = round(float(np.mean(state.losses[-20:])), 5)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_losses(state.losses, out / "loss.png", f"{motion}: training loss")
+        first = clips[0][0]
+        preview = pipe(first, adapters={name: 1.0}, num_frames=frames, num_inference_steps=preview_steps, seed=seed)
+        preview.save(out / "preview.gif")
+        save_adapter(base.unet, name, out)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        return out
+    finally:
+        base.unet.eval()
+        detach(base.unet, name)

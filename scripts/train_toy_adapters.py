@@ -1,0 +1,45 @@
+"""Train the shipped toy adapters in adapters/ with the public CLI, from at most 8 toy clips each.
+
+    python scripts/train_toy_adapters.py [--steps 300] [--clips 8] [--only move-left ...]
+
+Each motion's clips are rendered from the toy world (train split) to .mp4 files in a temporary
+folder, then `python -m miva train --base toy --clips DIR --out adapters/NAME` learns them, exactly
+as a user would with their own clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from miva.media import save_video  # noqa: E402
+from miva.toy.world import WorldConfig, make_dataset  # noqa: E402
+
+MOTIONS = ("move-left", "move-right", "move-up", "rotate-cw", "camera-zoom-in", "bounce")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "adapters")
+    args = parser.parse_args()
+    for motion in args.only or MOTIONS:
+        with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
+            for clip in make_dataset(motion, args.clips, seed0=1000, config=WorldConfig(size=32, frames=16)):
+                save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.mp4")
+            command = [sys.executable, "-m", "miva", "train", "--base", "toy", "--clips", tmp, "--motion", motion,
+                       "--out", str(args.out / motion), "--steps", str(args.steps)]
+            print(" ".join(command[1:]), flush=True)
+            subprocess.run(command, check=True, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Few-shot adapter training on the tiny base: exact resume, outputs, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from miva.train import diffusion_loss, encode_clips, step_generator, train_adapter
+
+FAST = dict(steps=6, checkpoint_every=2, preview_steps=2, lr=1e-3)
+
+
+@pytest.fixture
+def clips():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def weights(folder):
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_writes_a_complete_adapter(pipe, clips, tmp_path):
+    calls = []
+    folder = train_adapter(pipe, clips, tmp_path / "spin", "spin", callback=lambda *a: calls.append(a), **FAST)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "loss.png", "preview.gif"]
+    assert [c[0] for c in calls] == list(range(1, 7)) and all(c[1] == 6 for c in calls)
+    card = (folder / "README.md").read_text()
+    assert "![preview](preview.gif)" in card and "- clips: 2" in card
+    assert pipe.adapters == {}  # the base is left as it was
+    assert pipe.load_adapter(folder) == "spin"
+
+
+def test_interrupted_run_resumes_exactly(pipe, clips, tmp_path):
+    reference = weights(train_adapter(pipe, clips, tmp_path / "a", "spin", **FAST))
+
+    def crash(step, total, loss, eta):
+        if step == 3:
+            raise KeyboardInterrupt  # killed after step 3; the last checkpoint is step 2
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(pipe, clips, tmp_path / "b", "spin", callback=crash, **FAST)
+    assert pipe.adapters == {}
+    with pytest.raises(ValueError, match="pass --resume"):
+        train_adapter(pipe, clips, tmp_path / "b", "spin", **FAST)
+    assert same(weights(train_adapter(pipe, clips, tmp_path / "b", "spin", resume=True, **FAST)), reference)
+
+
+def test_stop_keeps_finished_steps(pipe, clips, tmp_path):
+    reference = weights(train_adapter(pipe, clips, tmp_path / "a", "spin", **FAST))
+    done = []
+    stopped = train_adapter(pipe, clips, tmp_path / "b", "spin", callback=lambda s, *a: done.append(s),
+                            should_stop=lambda: len(done) >= 3, **FAST)
+    assert stopped is None and (tmp_path / "b" / "checkpoint" / "state.json").is_file()
+    assert same(weights(train_adapter(pipe, clips, tmp_path / "b", "spin", resume=True, **FAST)), reference)
+
+
+def test_resume_of_another_run_is_refused(pipe, clips, tmp_path):
+    train_adapter(pipe, clips, tmp_path / "a", "spin", should_stop=lambda: False, callback=None,
+                  **{**FAST, "steps": 2})
+    with pytest.raises(ValueError, match="already holds a finished adapter"):
+        train_adapter(pipe, clips, tmp_path / "a", "spin", **FAST)
+    stop = iter([False, False, True])
+    train_adapter(pipe, clips, tmp_path / "b", "spin", should_stop=lambda: next(stop), **FAST)
+    with pytest.raises(ValueError, match="from a different run"):
+        train_adapter(pipe, clips, tmp_path / "b", "spin", resume=True, seed=5, **FAST)
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(pipe, clips, tmp_path):
+    from miva.adapter import attach
+    from miva.config import MivaConfig
+
+    latents = encode_clips(pipe, clips[:1])
+    timesteps = torch.tensor([700])
+
+    def fixed_loss():
+        return diffusion_loss(pipe.base, latents, step_generator(9, 0), timesteps=timesteps)
+
+    manager = attach(pipe.base.unet, MivaConfig(base="tiny"), "a")
+    manager.set_trainable("a")
+    params = list(manager.parameters("a").values())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    before = float(fixed_loss())
+    for _ in range(15):
+        optimizer.zero_grad()
+        fixed_loss().backward()
+        optimizer.step()
+    assert float(fixed_loss()) < 0.9 * before
+
+
+def test_bad_training_input(pipe, clips, tmp_path):
+    with pytest.raises(ValueError, match="no clips"):
+        train_adapter(pipe, [], tmp_path / "x", "spin", **FAST)
+    with pytest.raises(ValueError, match="at least 1"):
+        train_adapter(pipe, clips, tmp_path / "x", "spin", **{**FAST, "steps": 0})
+    with pytest.raises(ValueError, match="not allowed"):
+        train_adapter(pipe, clips, tmp_path / "x", "spin", name="../evil", **FAST)
