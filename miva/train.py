@@ -20,11 +20,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from .adapter import attach, check_adapter_name, detach, save_adapter
 from .backends import Base
 from .config import WEIGHTS_NAME, MivaConfig
+from .data import clips_to_tensor
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -236,14 +238,12 @@ DEFAULT_LR = {"animatediff-v3": 1e-5}  # the paper's Adam lr for the real base; 
 FALLBACK_LR = 1e-3
 
 
-def encode_clips(pipe, clips: list[np.ndarray], chunk: int = 8) -> torch.Tensor:
-    """(F, H, W, 3) uint8 clips at the base's size -> (n, c, F, h, w) latents, encoded once."""
-    out = []
-    for clip in clips:
-        pixels = torch.from_numpy(np.ascontiguousarray(clip)).float().div(127.5).sub(1).permute(0, 3, 1, 2)
-        latents = torch.cat([pipe.encode(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)])
-        out.append(latents.transpose(0, 1))  # (c, F, h, w)
-    return torch.stack(out)
+def encode_clips(encode: Callable[[torch.Tensor], torch.Tensor], clips: list[np.ndarray], chunk: int = 8) -> torch.Tensor:
+    """(F, H, W, 3) uint8 clips -> (n, c, F, h, w) latents, `encode` taking (b, 3, H, W) in [-1, 1]."""
+    pixels = clips_to_tensor(clips)  # (n, 3, f, H, W)
+    frames = rearrange(pixels, "n c f h w -> (n f) c h w")
+    latents = torch.cat([encode(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
+    return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
 
 
 def train_adapter(
@@ -283,7 +283,7 @@ def train_adapter(
         raise ValueError(f"an adapter named '{name}' is loaded; unload it or train under another name.")
     lr = lr if lr is not None else DEFAULT_LR.get(base.id, FALLBACK_LR)
     frames = clips[0].shape[0]
-    latents = encode_clips(pipe, clips).to(base.device)  # (n, c, F, h, w)
+    latents = encode_clips(pipe.encode, clips).to(base.device)  # (n, c, F, h, w)
     config = config or MivaConfig(base=base.id)
     config.motion = motion
     config.training = {"clips": len(clips), "frames": frames, "steps": steps, "lr": lr, "batch": batch,

@@ -75,7 +75,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(pipe, clips, tmp_path):
     from miva.adapter import attach
     from miva.config import MivaConfig
 
-    latents = encode_clips(pipe, clips[:1])
+    latents = encode_clips(pipe.encode, clips[:1])
     timesteps = torch.tensor([700])
 
     def fixed_loss():

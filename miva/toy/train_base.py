@@ -12,35 +12,24 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..backends import Base
-from ..train import diffusion_loss, plot_losses, run_training
+from ..train import diffusion_loss, encode_clips, plot_losses, run_training
 from .base import ASSET, BASE_ID, FRAMES, SIZE, PixelShuffleVAE, export_checkpoint, new_toy, toy_scheduler
 from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, WorldConfig, make_clip
 
 BASE_MOTIONS = OBJECT_MOTIONS + CAMERA_MOTIONS
 WORLD = WorldConfig(size=SIZE, frames=FRAMES)
-
-
-def clips_to_latents(frames: np.ndarray) -> torch.Tensor:
-    """(b, f, h, w, 3) uint8 -> (b, 12, f, h/2, w/2) pixel-unshuffled latents in [-1, 1]."""
-    x = torch.from_numpy(frames).float().div(127.5).sub(1.0)  # (b, f, h, w, 3)
-    b, f = x.shape[:2]
-    x = x.permute(0, 1, 4, 2, 3).reshape(b * f, 3, SIZE, SIZE)
-    z = torch.nn.functional.pixel_unshuffle(x, 2)  # (b f, 12, h/2, w/2)
-    return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+VAE = PixelShuffleVAE()
 
 
 def base_batch(step: int, batch: int) -> torch.Tensor:
     """The clips of training step `step`: random motions, one object, deterministic in `step`."""
-    clips = []
-    for i in range(batch):
-        seed = step * batch + i
-        clips.append(make_clip(BASE_MOTIONS[seed % len(BASE_MOTIONS)], seed, WORLD).frames)
-    return clips_to_latents(np.stack(clips))
+    seeds = range(step * batch, (step + 1) * batch)
+    clips = [make_clip(BASE_MOTIONS[seed % len(BASE_MOTIONS)], seed, WORLD).frames for seed in seeds]
+    return encode_clips(lambda x: VAE.encode(x).latent_dist.mode(), clips)  # (b, 12, f, h/2, w/2)
 
 
 def main(argv=None) -> None:
@@ -60,7 +49,7 @@ def main(argv=None) -> None:
 
     unet, prompt = new_toy(args.seed)
     unet.train()
-    base = Base(id=BASE_ID, unet=unet, vae=PixelShuffleVAE(), scheduler=toy_scheduler(), null_prompt_embeds=prompt,
+    base = Base(id=BASE_ID, unet=unet, vae=VAE, scheduler=toy_scheduler(), null_prompt_embeds=prompt,
                 height=SIZE, width=SIZE, frames=FRAMES, vae_scale_factor=2, concat_first_frame=True)
     params = {f"unet.{k}": p for k, p in unet.named_parameters()} | {"null_prompt_embeds": prompt}
     bar = tqdm(total=args.steps, desc="toy base", unit="step")
