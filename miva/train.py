@@ -36,12 +36,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
 
 
-def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator, min_snr: float | None = 5.0,
+def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator, min_snr: float | None = None,
                    timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss on (b, c, f, h, w) clean latents; frame 0 stays clean and is not in the loss.
 
-    The target follows the scheduler's prediction type (ε or v); `min_snr` applies Min-SNR-γ loss
-    weighting (Hang et al. 2023), None for plain MSE.
+    The target follows the scheduler's prediction type (ε, v or the clean sample); `min_snr` applies
+    Min-SNR-γ loss weighting (Hang et al. 2023); None (the paper's setting) is plain MSE.
     """
     scheduler = base.scheduler
     b = latents.shape[0]
@@ -54,16 +54,14 @@ def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator
     noisy[:, :, 0] = first  # the clean first frame, as at sampling time
     embeds = base.null_prompt_embeds.expand(b * latents.shape[2], -1, -1)
     pred = base.unet(base.model_input(noisy, first), timesteps, encoder_hidden_states=embeds).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    kind = scheduler.config.prediction_type
+    target = {"v_prediction": lambda: scheduler.get_velocity(latents, noise, timesteps),
+              "sample": lambda: latents, "epsilon": lambda: noise}[kind]()
     per_clip = (pred[:, :, 1:] - target[:, :, 1:]).pow(2).mean(dim=(1, 2, 3, 4))  # (b,)
     if min_snr is not None:
         alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps]
         snr = alpha_bar / (1 - alpha_bar)
-        weight = snr.clamp(max=min_snr) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
-        per_clip = per_clip * weight
+        per_clip = per_clip * snr.clamp(max=min_snr) / {"v_prediction": snr + 1, "sample": 1, "epsilon": snr}[kind]
     return per_clip.mean()
 
 
@@ -86,19 +84,49 @@ def save_checkpoint(folder: Path, state: TrainState, params: dict[str, torch.Ten
                 tensors[f"optim.{names[index]}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
     for key, value in (extra or {}).items():
         tensors[f"extra.{key}"] = value.detach().cpu().contiguous()
-    tmp = folder / "state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / "state.safetensors")
+    shards = _shards(tensors)
+    for old in folder.glob("state*.safetensors"):
+        old.unlink()
+    for index, shard in enumerate(shards):
+        tmp = folder / f"state-{index:05d}.tmp"
+        save_file(shard, str(tmp))
+        tmp.replace(folder / f"state-{index:05d}-of-{len(shards):05d}.safetensors")
     groups = optimizer.state_dict()["param_groups"]
     (folder / "state.json").write_text(json.dumps({
         "step": state.step, "losses": state.losses, "seconds": state.seconds, "meta": state.meta,
         "param_groups": groups}, indent=1) + "\n")
 
 
+SHARD_BYTES = 40 * 2**20  # checkpoint files stay small enough to commit and upload
+
+
+def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    shards, size = [{}], 0
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    return shards
+
+
+def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (its `state*.safetensors` shards)."""
+    files = sorted(Path(folder).glob("state*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint '{folder}' has no state*.safetensors; it is incomplete.")
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
 def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """Restore params and optimiser from `folder`; returns the state and the extra tensors."""
     info = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "state.safetensors"))
+    tensors = read_checkpoint_tensors(folder)
     missing = [k for k in params if f"param.{k}" not in tensors]
     if missing:
         raise ValueError(f"checkpoint '{folder}' lacks {len(missing)} parameters (e.g. '{missing[0]}'); it is from another run.")

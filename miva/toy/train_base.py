@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     state = run_training(
         params, lambda step, gen: diffusion_loss(base, base_batch(step, args.batch), gen), args.steps, args.out,
-        seed=args.seed, lr=args.lr, weight_decay=0.01, warmup=200, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, lr=args.lr, weight_decay=0.01, warmup=100, checkpoint_every=args.checkpoint_every,
         resume=args.resume, meta={"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr},
         callback=progress, ema=args.ema,
     )

@@ -1,0 +1,128 @@
+"""The Space as a person (or a script) uses it: a launched app on loopback, driven by gradio_client."""
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from app import build_app  # noqa: E402
+from miva.adapter import attach, detach, save_adapter  # noqa: E402
+from miva.config import MivaConfig  # noqa: E402
+from miva.media import save_video  # noqa: E402
+from miva.studio import Studio  # noqa: E402
+from miva.toy.world import WorldConfig, make_clip  # noqa: E402
+
+from conftest import randomize  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app on the tiny base with two shipped adapters, launched on 127.0.0.1."""
+    from miva.backends import load_base
+    from miva.pipeline import MivaPipeline
+
+    root = tmp_path_factory.mktemp("app")
+    pipe = MivaPipeline(load_base("tiny"))
+    for seed, motion in enumerate(["move-left", "zoom-in"], start=1):
+        manager = attach(pipe.base.unet, MivaConfig(base="tiny", motion=motion), motion)
+        randomize(manager.parameters(motion), seed=seed, scale=0.1)
+        save_adapter(pipe.base.unet, motion, root / "shipped" / motion)
+        detach(pipe.base.unet)
+    studio = Studio(pipe, shipped=root / "shipped", workdir=root / "work")
+    demo = build_app(studio)
+    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=None,
+                                                   prevent_thread_lock=True, quiet=True)
+    image = root / "first.png"
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(image)
+    clips = []
+    for seed in range(2):
+        clips.append(save_video(make_clip("move-left", seed, WorldConfig(size=32, frames=16)).frames,
+                                root / f"clip{seed}.mp4"))
+    yield Client(demo.local_url, verbose=False), root, image, clips
+    demo.close()
+
+
+def video_frames(result) -> int:
+    import imageio.v2 as imageio
+
+    path = result["video"] if isinstance(result, dict) else result
+    return len(imageio.mimread(path))
+
+
+def test_list_adapters(served):
+    client, *_ = served
+    names = {a["name"] for a in client.predict(api_name="/list_adapters")}
+    assert names == {"move-left", "zoom-in"}
+
+
+def test_animate(served):
+    client, _, image, _ = served
+    out = client.predict(handle_file(str(image)), "move-left", 4, 2, 7, 0.05, True, True, 1.0, api_name="/animate")
+    assert video_frames(out) == 4
+
+
+def test_mix(served):
+    client, _, image, _ = served
+    rows = ["move-left", 0.5, "zoom-in", 1.0, None, 1.0, None, 1.0]
+    assert video_frames(client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    ((None, "move-left"), "upload a first frame"),
+    (("IMAGE", "../../etc"), "was not found"),
+    (("IMAGE", "no-such-motion"), "known adapters: move-left, zoom-in"),
+])
+def test_animate_bad_input_is_a_readable_error(served, args, message):
+    client, _, image, _ = served
+    first = handle_file(str(image)) if args[0] == "IMAGE" else None
+    with pytest.raises(Exception, match=message):
+        client.predict(first, args[1], 4, 2, 0, 0.05, True, True, 1.0, api_name="/animate")
+
+
+def test_mix_weight_out_of_range(served):
+    client, _, image, _ = served
+    rows = ["move-left", 3.0, None, 1.0, None, 1.0, None, 1.0]
+    with pytest.raises(Exception, match="greater than maximum value 2"):  # the slider refuses it
+        client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")
+
+
+def test_train_then_animate_with_the_new_adapter(served):
+    client, _, image, clips = served
+    status, plot, *_ = client.predict([handle_file(str(c)) for c in clips], "wiggle", 10, api_name="/train")
+    assert "Trained 'wiggle'" in status
+    names = {a["name"] for a in client.predict(api_name="/list_adapters")}
+    assert "wiggle" in names
+    out = client.predict(handle_file(str(image)), "wiggle", 4, 2, 0, 0.05, True, True, 1.0, api_name="/animate")
+    assert video_frames(out) == 4
+
+
+def test_train_rejects_non_video_uploads(served):
+    client, root, *_ = served
+    text = root / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(Exception, match="Invalid file type"):
+        client.predict([handle_file(str(text))], "nothing", 10, api_name="/train")
+    corrupt = root / "broken.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(Exception, match="no usable clips"):
+        client.predict([handle_file(str(corrupt))], "nothing", 10, api_name="/train")
+
+
+def test_concurrent_requests_do_not_cross_talk(served):
+    client, _, image, _ = served
+
+    def call(seed):
+        return client.predict(handle_file(str(image)), "move-left", 4, 2, seed, 0.05, True, True, 1.0,
+                              api_name="/animate")
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(call, [1, 2, 1]))
+    paths = [o["video"] if isinstance(o, dict) else o for o in outs]
+    import imageio.v2 as imageio
+
+    a, b, c = (np.stack(imageio.mimread(p)) for p in paths)
+    assert np.array_equal(a, c) and not np.array_equal(a, b)  # same seed, same video; no shared state
