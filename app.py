@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import gradio as gr
 
 from miva.studio import MAX_MIX, Studio
 
-GPU_JOB = "model"  # one concurrency group: one model job at a time, the rest queue
+GPU_JOB = "model"
+EXAMPLES = Path(__file__).resolve().parent / "assets"  # one concurrency group: one model job at a time, the rest queue
 
 
 def build_studio(backend: str) -> Studio:
@@ -30,6 +32,9 @@ def build_studio(backend: str) -> Studio:
 def build_app(studio: Studio) -> gr.Blocks:
     def choices():
         return [(f"{a.motion}" + (" (yours)" if a.trained else ""), a.name) for a in studio.catalogue()]
+
+    def animate_choices():
+        return choices() + [("none: the base alone", "")]
 
     def gallery():
         return [(str(a.preview), a.motion) for a in studio.catalogue() if a.preview]
@@ -50,6 +55,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         for name, weight in zip(rows[0::2], rows[1::2]):
             if name:
                 weights[name] = weights.get(name, 0.0) + float(weight)
+        if not weights:
+            raise gr.Error("choose at least one motion to mix.")
         return str(run(studio.animate, image, weights, frames, steps, seed, 0.05, True, True, 1.0,
                        lambda f, m: progress(f, desc=m)))
 
@@ -64,8 +71,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         note = " ".join(status["warnings"])
         message = (f"Trained '{status['name']}': it is in the catalogue now. {note}" if folder
                    else f"Stopped at step {status['step']} of {status['steps']}; press Resume to continue. {note}")
-        choice = gr.update(choices=choices())
-        return message.strip(), _loss_frame(plot), choice, choice, gallery()
+        mix_rows = [gr.update(choices=choices()) for _ in range(MAX_MIX)]
+        return (message.strip(), _loss_frame(plot), gr.update(choices=animate_choices()), *mix_rows, gallery())
 
     with gr.Blocks(title="MIVA Studio") as demo:
         gr.Markdown("# MIVA Studio\nAnimate a still image with a learned motion, mix motions, or teach a new one "
@@ -74,7 +81,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(label="First frame", type="pil", image_mode="RGB")
-                    adapter = gr.Dropdown(choices(), label="Motion", value=(choices() or [(None, None)])[0][1],
+                    adapter = gr.Dropdown(animate_choices(), label="Motion", value=animate_choices()[0][1],
                                           allow_custom_value=True)  # names are checked by the Studio
                     with gr.Row():
                         frames = gr.Slider(2, 32, value=studio.pipe.base.frames, step=1, label="Frames")
@@ -86,6 +93,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         adain = gr.Checkbox(True, label="AdaIN to the first frame")
                         guidance = gr.Slider(0, 5, value=1.0, step=0.1, label="Motion guidance (1 = off)")
                     go = gr.Button("Animate", variant="primary")
+                    gr.Examples([[str(EXAMPLES / "example.png")], [str(EXAMPLES / "example-two-objects.png")]],
+                                inputs=[image], label="Example first frames")
                 with gr.Column():
                     video = gr.Video(label="Video")
                     previews = gr.Gallery(gallery(), label="Motions", columns=4, height=220)
@@ -122,7 +131,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Column():
                     status = gr.Textbox(label="Status", interactive=False)
                     plot = gr.LinePlot(x="step", y="loss", label="Loss")
-            outputs = [status, plot, adapter, rows[0], previews]
+            outputs = [status, plot, adapter, *rows[0::2], previews]
 
             def train_start(files, motion, steps, progress=gr.Progress()):
                 return train(files, motion, steps, False, progress)

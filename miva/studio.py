@@ -86,11 +86,9 @@ class Studio:
     def animate(self, image, mix: dict[str, float], frames: int = 16, steps: int = 25, seed: int = 0,
                 shared_noise: float = 0.05, dct_init: bool = True, adain: bool = True, guidance: float = 1.0,
                 progress: Progress | None = None) -> Path:
-        """Animate `image` with {adapter name: weight} (one entry for Animate, up to 4 for Mix)."""
+        """Animate `image` with {adapter name: weight}: none (the base alone), one, or up to 4 mixed."""
         if image is None:
             raise ValueError("upload a first frame (an image) to animate.")
-        if not mix:
-            raise ValueError("choose at least one adapter.")
         if len(mix) > MAX_MIX:
             raise ValueError(f"{len(mix)} adapters were given; mix at most {MAX_MIX}.")
         frames, steps, seed = int(frames), int(steps), int(seed)

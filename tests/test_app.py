@@ -65,6 +65,12 @@ def test_animate(served):
     assert video_frames(out) == 4
 
 
+def test_animate_with_the_base_alone(served):
+    client, _, image, _ = served
+    assert video_frames(client.predict(handle_file(str(image)), "", 3, 1, 0, 0.05, True, True, 1.0,
+                                       api_name="/animate")) == 3
+
+
 def test_mix(served):
     client, _, image, _ = served
     rows = ["move-left", 0.5, "zoom-in", 1.0, None, 1.0, None, 1.0]
@@ -81,6 +87,12 @@ def test_animate_bad_input_is_a_readable_error(served, args, message):
     first = handle_file(str(image)) if args[0] == "IMAGE" else None
     with pytest.raises(Exception, match=message):
         client.predict(first, args[1], 4, 2, 0, 0.05, True, True, 1.0, api_name="/animate")
+
+
+def test_mix_needs_a_motion(served):
+    client, _, image, _ = served
+    with pytest.raises(Exception, match="choose at least one motion"):
+        client.predict(handle_file(str(image)), 4, 2, 1, None, 1.0, None, 1.0, None, 1.0, None, 1.0, api_name="/mix")
 
 
 def test_mix_weight_out_of_range(served):
@@ -126,3 +138,17 @@ def test_concurrent_requests_do_not_cross_talk(served):
 
     a, b, c = (np.stack(imageio.mimread(p)) for p in paths)
     assert np.array_equal(a, c) and not np.array_equal(a, b)  # same seed, same video; no shared state
+
+
+@pytest.mark.skipif(__import__("miva.browser", fromlist=["x"]).chromium() is None, reason="chromium not installed")
+def test_page_renders_in_a_browser(served, tmp_path):
+    from miva import browser
+
+    client, *_ = served
+    url = client.src if isinstance(client.src, str) else str(client.src)
+    dom = browser.dump_dom(url)
+    assert "MIVA Studio" in dom and "Animate" in dom and "Train" in dom
+    assert "Traceback" not in dom and 'class="toast-body error' not in dom
+    shot = browser.screenshot(url, tmp_path / "page.png")
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 5  # something was drawn, not a blank page
