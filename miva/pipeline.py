@@ -143,7 +143,7 @@ class MivaPipeline:
         def run(weights):
             if manager is not None:
                 manager.set_weights(weights)
-            return unet(latents, timestep, encoder_hidden_states=embeds).sample
+            return self.base.model_output(unet(latents, timestep, encoder_hidden_states=embeds).sample, first)
 
         eps = run(adapters)
         if guidance_scale != 1 and adapters:

@@ -53,7 +53,7 @@ def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator
     first = latents[:, :, 0]
     noisy[:, :, 0] = first  # the clean first frame, as at sampling time
     embeds = base.null_prompt_embeds.expand(b * latents.shape[2], -1, -1)
-    pred = base.unet(base.model_input(noisy, first), timesteps, encoder_hidden_states=embeds).sample
+    pred = base.model_output(base.unet(base.model_input(noisy, first), timesteps, encoder_hidden_states=embeds).sample, first)
     kind = scheduler.config.prediction_type
     target = {"v_prediction": lambda: scheduler.get_velocity(latents, noise, timesteps),
               "sample": lambda: latents, "epsilon": lambda: noise}[kind]()

@@ -31,8 +31,9 @@ def test_save_load_and_sample(tmp_path):
     out = MivaPipeline(base)(torch.rand(3, 32, 32), num_frames=4, num_inference_steps=2, seed=0)
     assert out.frames.shape == (4, 32, 32, 3)
     first = (torch.rand(3, 32, 32) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    kept = MivaPipeline(base)(first, num_frames=3, num_inference_steps=1, seed=0).frames[0]
-    assert (kept.astype(int) - first).__abs__().max() <= 1  # exact VAE: frame 0 comes back as given
+    frames = MivaPipeline(base)(first, num_frames=3, num_inference_steps=3, seed=0).frames
+    # exact VAE, and an untrained base (conv_out = 0) predicts "the first frame" everywhere: a clean copy
+    assert all(abs(f.astype(int) - first).max() <= 1 for f in frames)
 
 
 def test_export_takes_the_ema_weights(tmp_path):

@@ -27,17 +27,24 @@ class Base:
     description: str = ""
     vae_scale_factor: int = 0  # pixels per latent pixel; 0: derived from an AutoencoderKL config
     concat_first_frame: bool = False  # the UNet also takes the clean first-frame latent as input channels
+    residual_to_first_frame: bool = False  # x0-predicting UNet outputs the offset from the first frame
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.vae_scale_factor:
             self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.residual_to_first_frame and self.scheduler.config.prediction_type != "sample":
+            raise ValueError("residual_to_first_frame needs a scheduler with prediction_type='sample'.")
 
     def model_input(self, latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """The UNet's input for (b, c, f, h, w) latents and the (b, c, h, w) clean first-frame latent."""
         if not self.concat_first_frame:
             return latents
         return torch.cat([latents, first[:, :, None].expand_as(latents)], dim=1)
+
+    def model_output(self, prediction: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """The scheduler's prediction from the UNet's output (identity unless residual_to_first_frame)."""
+        return prediction + first[:, :, None] if self.residual_to_first_frame else prediction
 
     @property
     def device(self) -> torch.device:

@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     unet, prompt = new_toy(args.seed)
     unet.train()
     base = Base(id=BASE_ID, unet=unet, vae=VAE, scheduler=toy_scheduler(), null_prompt_embeds=prompt,
-                height=SIZE, width=SIZE, frames=FRAMES, vae_scale_factor=2, concat_first_frame=True)
+                height=SIZE, width=SIZE, frames=FRAMES, vae_scale_factor=2, concat_first_frame=True,
+                residual_to_first_frame=True)
     params = {f"unet.{k}": p for k, p in unet.named_parameters()} | {"null_prompt_embeds": prompt}
     bar = tqdm(total=args.steps, desc="toy base", unit="step")
 
