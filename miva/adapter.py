@@ -58,6 +58,7 @@ class MivaAdapters:
         self.unet = unet
         self.base = base
         self.context = MivaContext()
+        self._weights_applied = False  # set_weights may skip work only after it has run once
         self.configs: dict[str, MivaConfig] = {}
         self.trainable: str | None = None
         self._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
@@ -94,6 +95,8 @@ class MivaAdapters:
             if name not in self.configs:
                 raise KeyError(f"no adapter named '{name}' is attached; attached: {sorted(self.configs) or 'none'}.")
         weights = {name: check_weight(name, w) for name, w in weights.items()}
+        if weights == self.context.weights and self._weights_applied:
+            return  # the sampler calls this every step; walking the model each time is waste
         self.context.weights = weights
         active = [n for n, w in weights.items() if w != 0]
         for layer in self._lora_layers():
@@ -101,6 +104,7 @@ class MivaAdapters:
             for name, w in weights.items():
                 layer.set_scale(name, w)
         self._apply_trainable()  # ... so give the trained adapter its gradients back
+        self._weights_applied = True
 
     def set_trainable(self, name: str | None) -> None:
         """Make exactly this adapter's parameters trainable (None: none); the base stays frozen."""
@@ -148,6 +152,7 @@ class MivaAdapters:
             if stock_name in self._requires_grad:
                 param.requires_grad_(self._requires_grad[stock_name])
         self.configs[name] = config
+        self._weights_applied = False  # new LoRA layers: apply the weights again
         self.set_weights({**self.context.weights, name: 1.0})  # a new adapter starts active, as trained
 
     def remove(self, name: str) -> None:
@@ -163,6 +168,7 @@ class MivaAdapters:
         del self.configs[name]
         if self.trainable == name:
             self.trainable = None
+        self._weights_applied = False
         self.set_weights({n: w for n, w in self.context.weights.items() if n != name})
 
     def close(self) -> None:

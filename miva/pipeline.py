@@ -130,10 +130,10 @@ class MivaPipeline:
         alpha_bar = float(scheduler.alphas_cumprod[dct_timestep])
         return schedules.dct_init(first.float(), noise, alpha_bar, cutoff=dct_cutoff).to(first.dtype)
 
-    def predict_noise(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float) -> torch.Tensor:
-        """ε (or v) from the UNet with the adapters mixed by eq. S4.
+    def predict(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float) -> torch.Tensor:
+        """The scheduler's prediction (ε, v or x0) with the adapters mixed by eq. S4.
 
-        guidance_scale g is motion guidance: ε_base + g (ε_miva - ε_base), ε_base being the base with
+        guidance_scale g is motion guidance: p_base + g (p_miva - p_base), p_base being the base with
         every adapter off; g = 1 (the paper's setting) needs one UNet pass per step.
         """
         unet, manager = self.base.unet, adapters_of(self.base.unet)
@@ -145,11 +145,11 @@ class MivaPipeline:
                 manager.set_weights(weights)
             return self.base.model_output(unet(latents, timestep, encoder_hidden_states=embeds).sample, first)
 
-        eps = run(adapters)
+        prediction = run(adapters)
         if guidance_scale != 1 and adapters:
-            eps_base = run({})
-            eps = eps_base + guidance_scale * (eps - eps_base)
-        return eps
+            base_prediction = run({})
+            prediction = base_prediction + guidance_scale * (prediction - base_prediction)
+        return prediction
 
     @torch.no_grad()
     def __call__(
@@ -196,8 +196,8 @@ class MivaPipeline:
         for i, t in enumerate(scheduler.timesteps):
             latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
             model_input = scheduler.scale_model_input(latents, t)
-            eps = self.predict_noise(model_input, first, t, adapters, guidance_scale)
-            latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+            prediction = self.predict(model_input, first, t, adapters, guidance_scale)
+            latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
             if callback is not None:
                 callback(i + 1, len(scheduler.timesteps))
         latents[:, :, 0] = first
