@@ -133,12 +133,12 @@ def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) ->
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[f"param.{key}"])
-    names = list(params)
-    state = {}
-    for index, name in enumerate(names):
-        moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
-        if moments:
-            state[index] = moments
+    index = {name: i for i, name in enumerate(params)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            name, moment = key[len("optim."):].rsplit(".", 1)  # "optim.<param name>.<exp_avg|...>"
+            state.setdefault(index[name], {})[moment] = value
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return TrainState(info["step"], info["losses"], info["seconds"], info.get("meta", {})), extra

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from miva.adapter import adapters_of, attach, save_adapter
+from miva.adapter import attach, save_adapter
 from miva.config import MivaConfig
-from miva.pipeline import MivaPipeline, resolve_adapter
+from miva.pipeline import resolve_adapter
 
 from conftest import randomize
 

@@ -7,7 +7,7 @@ offline smoke runs; its videos are noise).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +28,6 @@ class Base:
     vae_scale_factor: int = 0  # pixels per latent pixel; 0: derived from an AutoencoderKL config
     concat_first_frame: bool = False  # the UNet also takes the clean first-frame latent as input channels
     residual_to_first_frame: bool = False  # x0-predicting UNet outputs the offset from the first frame
-    extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.vae_scale_factor:
