@@ -49,11 +49,11 @@ def configs(name: str) -> tuple[dict, dict, dict, tuple[int, int, int]]:
 
 def build(name: str, device: str, dtype: torch.dtype, miva: bool):
     unet_cfg, adapter_cfg, _, (f, h, w) = configs(name)
-    unet = animatediff.build_unet(unet_cfg, adapter_cfg, device="meta" if device == "meta" else "cpu")
+    unet = animatediff.build_unet(unet_cfg, adapter_cfg, device=device)  # random init where it runs
     unet.requires_grad_(False).eval()
     if device != "meta":
         with animatediff.quiet_diffusers():
-            unet.to(device=device, dtype=dtype)
+            unet.to(dtype=dtype)
     if miva:
         torch.manual_seed(0)
         manager = attach(unet, MivaConfig(base=name))

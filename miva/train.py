@@ -97,7 +97,7 @@ def save_checkpoint(folder: Path, state: TrainState, params: dict[str, torch.Ten
         "param_groups": groups}, indent=1) + "\n")
 
 
-SHARD_BYTES = 40 * 2**20  # checkpoint files stay small enough to commit and upload
+SHARD_BYTES = 15 * 2**20  # checkpoint files stay small enough to commit, upload and copy between machines
 
 
 def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -178,7 +178,8 @@ def run_training(
         state, extra = load_checkpoint(ckpt, params, optimizer)
         if meta and {k: state.meta.get(k) for k in meta} != {k: meta[k] for k in meta}:
             raise ValueError(f"the checkpoint in '{folder}' is from a different run ({state.meta}); use another --out folder or drop --resume.")
-        averages = {k: extra.get(f"ema.{k}", p.detach().clone()) for k, p in params.items()} if ema else {}
+        averages = {k: extra[f"ema.{k}"].to(p) if f"ema.{k}" in extra else p.detach().clone()
+                    for k, p in params.items()} if ema else {}  # a run may resume on another device
     elif (ckpt / "state.json").is_file():
         raise ValueError(f"'{folder}' already holds a training run; pass --resume to continue it or choose another --out folder.")
 

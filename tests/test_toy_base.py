@@ -5,7 +5,9 @@ import torch
 
 from miva.pipeline import MivaPipeline
 from miva.toy.base import PixelShuffleVAE, export_checkpoint, load_toy, new_toy, save_toy
-from miva.toy.train_base import base_batch
+import numpy as np
+
+from miva.toy.train_base import Prefetcher, base_batch, base_clips
 from miva.train import run_training
 
 
@@ -20,6 +22,16 @@ def test_base_batches_are_deterministic():
     a, b = base_batch(5, 2), base_batch(5, 2)
     assert a.shape == (2, 12, 16, 16, 16) and torch.equal(a, b) and not torch.equal(a, base_batch(6, 2))
     assert a.min() >= -1 and a.max() <= 1
+
+
+def test_prefetching_workers_render_the_same_batches():
+    fetch = Prefetcher(batch=2, workers=1, ahead=3)
+    try:
+        got = [fetch(step) for step in (0, 1, 5)]  # 5: a resumed run skips ahead
+    finally:
+        fetch.close()
+    for step, clips in zip((0, 1, 5), got):
+        assert all(np.array_equal(x, y) for x, y in zip(clips, base_clips(step, 2)))
 
 
 def test_save_load_and_sample(tmp_path):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -25,11 +28,48 @@ WORLD = WorldConfig(size=SIZE, frames=FRAMES)
 VAE = PixelShuffleVAE()
 
 
-def base_batch(step: int, batch: int) -> torch.Tensor:
-    """The clips of training step `step`: random motions, one object, deterministic in `step`."""
+def base_clips(step: int, batch: int) -> list[np.ndarray]:
+    """The (F, H, W, 3) uint8 clips of training step `step`: random motions, deterministic in `step`."""
     seeds = range(step * batch, (step + 1) * batch)
-    clips = [make_clip(BASE_MOTIONS[seed % len(BASE_MOTIONS)], seed, WORLD).frames for seed in seeds]
-    return encode_clips(lambda x: VAE.encode(x).latent_dist.mode(), clips)  # (b, 12, f, h/2, w/2)
+    return [make_clip(BASE_MOTIONS[seed % len(BASE_MOTIONS)], seed, WORLD).frames for seed in seeds]
+
+
+def _encode(pixels: torch.Tensor) -> torch.Tensor:
+    return VAE.encode(pixels).latent_dist.mode()
+
+
+def base_batch(step: int, batch: int) -> torch.Tensor:
+    """The latents (b, 12, f, h/2, w/2) of training step `step`."""
+    return encode_clips(_encode, base_clips(step, batch))
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class Prefetcher:
+    """`base_clips(step, batch)` rendered by worker processes a few steps ahead of the trainer.
+
+    Batches depend on the step alone, so this changes nothing but the speed; it keeps a GPU busy.
+    """
+
+    def __init__(self, batch: int, workers: int, ahead: int = 16):
+        self.batch, self.ahead, self.pending = batch, ahead, {}
+        self.pool = ProcessPoolExecutor(workers, initializer=_one_thread) if workers > 0 else None
+
+    def __call__(self, step: int) -> list[np.ndarray]:
+        if self.pool is None:
+            return base_clips(step, self.batch)
+        for s in range(step, step + self.ahead):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(base_clips, s, self.batch)
+        for s in [s for s in self.pending if s < step]:  # a resumed run skips ahead
+            self.pending.pop(s).cancel()
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def main(argv=None) -> None:
@@ -43,12 +83,19 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0, help="processes rendering clips ahead (0: inline)")
+    parser.add_argument("--minutes", type=float, default=None, help="checkpoint and stop after this long")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    clips = Prefetcher(args.batch, args.workers)  # before CUDA starts: the workers are forked
 
     unet, prompt = new_toy(args.seed)
-    unet.train()
+    unet.to(args.device).train()
+    prompt = torch.nn.Parameter(prompt.detach().to(args.device))
     base = Base(id=BASE_ID, unet=unet, vae=VAE, scheduler=toy_scheduler(), null_prompt_embeds=prompt,
                 height=SIZE, width=SIZE, frames=FRAMES, vae_scale_factor=2, concat_first_frame=True,
                 residual_to_first_frame=True)
@@ -60,14 +107,19 @@ def main(argv=None) -> None:
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.refresh()
 
+    def loss(step, gen):
+        return diffusion_loss(base, encode_clips(_encode, clips(step)).to(args.device), gen)
+
     started = time.perf_counter()
+    stop = (lambda: time.perf_counter() - started > args.minutes * 60) if args.minutes else None
     state = run_training(
-        params, lambda step, gen: diffusion_loss(base, base_batch(step, args.batch), gen), args.steps, args.out,
+        params, loss, args.steps, args.out,
         seed=args.seed, lr=args.lr, weight_decay=0.01, warmup=100, checkpoint_every=args.checkpoint_every,
         resume=args.resume, meta={"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr},
-        callback=progress, ema=args.ema,
+        callback=progress, ema=args.ema, should_stop=stop,
     )
     bar.close()
+    clips.close()
     if state.step >= args.steps:
         export_checkpoint(args.out)
         plot_losses(state.losses, args.out / "loss.png", "toy base training loss")
