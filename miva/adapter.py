@@ -106,6 +106,20 @@ class MivaAdapters:
         self._apply_trainable()  # ... so give the trained adapter its gradients back
         self._weights_applied = True
 
+    def set_regions(self, regions: dict[str, torch.Tensor]) -> None:
+        """Confine adapters to regions: {name: (b, F, H, W) weights at the latent grid}; others act everywhere."""
+        for name in regions:
+            if name not in self.configs:
+                raise KeyError(f"a region was given for '{name}', which is not attached; attached: {sorted(self.configs) or 'none'}.")
+        self.context.set_regions(regions)
+
+    def _regional(self, name: str):
+        def hook(module, args, output):
+            region = self.context.region(name, output.shape[0], temporal=True)
+            return output if region is None else output * region.to(output.dtype)
+
+        return hook
+
     def set_trainable(self, name: str | None) -> None:
         """Make exactly this adapter's parameters trainable (None: none); the base stays frozen."""
         if name is not None and name not in self.configs:
@@ -146,6 +160,9 @@ class MivaAdapters:
             with warnings.catch_warnings():  # PEFT warns when a second adapter joins; that is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 inject_adapter_in_model(lora, self.unet, adapter_name=name)
+            for layer in self._lora_layers():  # confine the temporal LoRA to the adapter's region, if any
+                if name in layer.lora_B:
+                    layer.lora_B[name].register_forward_hook(self._regional(name))
         # PEFT marks the whole base frozen; keep the base's own flags and leave adapters off.
         for pname, param in self.unet.named_parameters():
             stock_name = pname.replace(".base_layer.", ".")

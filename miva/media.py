@@ -21,18 +21,7 @@ def load_image(image) -> Image.Image:
     if image is None:
         raise ValueError("no first frame was given; pass an image (a path, PIL image, array or tensor).")
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file '{path}' does not exist; check the path.")
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise ValueError(f"image '{path.name}' is larger than {MAX_IMAGE_BYTES // 2**20} MB; use a smaller file.")
-        try:
-            with Image.open(path) as opened:
-                _check_pixels(opened.size, path.name)
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-            raise ValueError(f"could not read '{path.name}' as an image ({err}); use a PNG, JPEG or WebP file.") from None
+        image = open_image(image)
     elif isinstance(image, torch.Tensor):
         image = _tensor_to_array(image)
     if isinstance(image, np.ndarray):
@@ -46,6 +35,24 @@ def load_image(image) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, rgba)
     return image.convert("RGB")
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """A PIL image from a file, as stored (mode unchanged), refused in one sentence if it is missing,
+    unreadable, over MAX_IMAGE_BYTES or over MAX_IMAGE_PIXELS."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file '{path}' does not exist; check the path.")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{what} '{path.name}' is larger than {MAX_IMAGE_BYTES // 2**20} MB; use a smaller file.")
+    try:
+        with Image.open(path) as opened:
+            _check_pixels(opened.size, path.name)
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise ValueError(f"could not read '{path.name}' as {article} {what} ({err}); use a PNG, JPEG or WebP file.") from None
 
 
 def _check_pixels(size: tuple[int, int], name: str) -> None:

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import masks as masks_lib
 from . import schedules
 from .adapter import adapters_of, check_weight, detach, load_adapter
 from .backends import Base, load_base
@@ -23,6 +24,7 @@ class MivaOutput:
     frames: np.ndarray  # (F, H, W, 3) uint8
     fps: int = 8
     latents: torch.Tensor | None = None  # (1, c, F, h, w) final latents, before decoding
+    regions: torch.Tensor | None = None  # (F, H, W) unified mask of a masked mix (eq. S5): 0 = background
 
     def save(self, path: str | Path) -> Path:
         return save_video(self.frames, path, fps=self.fps)
@@ -170,8 +172,14 @@ class MivaPipeline:
         adain: bool = True,
         fps: int = 8,
         callback: Callable[[int, int], None] | None = None,
+        masks: dict[str, object] | None = None,
     ) -> MivaOutput:
-        """Animate `image` with `adapters` ({name: weight}, weights in [0, 2]; None = all at 1)."""
+        """Animate `image` with `adapters` ({name: weight}, weights in [0, 2]; None = all at 1).
+
+        `masks` confines adapters to regions: {name: one mask or one per frame}, fitted like the
+        first frame (see `miva.masks`). Overlaps go to the adapter listed later; in a mix with
+        masked adapters, an unmasked adapter acts on the background (paper B.2.1).
+        """
         base = self.base
         num_frames = base.frames if num_frames is None else num_frames
         height, width = height or base.height, width or base.width
@@ -188,19 +196,52 @@ class MivaPipeline:
                 int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             )
 
+        regions = self.unified_regions(adapters, masks or {}, num_frames, height, width)
         first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
         scheduler.set_timesteps(num_inference_steps, device=base.device)
         latents = self.initial_latents(first, num_frames, scheduler, generator, shared_noise_ratio, dct_init,
                                        dct_cutoff, dct_timestep).to(base.device)
-        for i, t in enumerate(scheduler.timesteps):
-            latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
-            model_input = scheduler.scale_model_input(latents, t)
-            prediction = self.predict(model_input, first, t, adapters, guidance_scale)
-            latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
-            if callback is not None:
-                callback(i + 1, len(scheduler.timesteps))
+        manager = adapters_of(base.unet)
+        if regions is not None:
+            grid = latents.shape[-2:]
+            manager.set_regions({name: masks_lib.to_latent_grid((regions == j).float(), *grid)[None].to(latents)
+                                 for name, j in self._region_index(adapters, masks).items()})
+        try:
+            for i, t in enumerate(scheduler.timesteps):
+                latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
+                model_input = scheduler.scale_model_input(latents, t)
+                prediction = self.predict(model_input, first, t, adapters, guidance_scale)
+                latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
+                if callback is not None:
+                    callback(i + 1, len(scheduler.timesteps))
+        finally:
+            if manager is not None:
+                manager.set_regions({})
         latents[:, :, 0] = first
         if adain:
             latents = schedules.adain(latents)  # once, after the last step (B.3.2)
-        return MivaOutput(frames=self.decode(latents), fps=fps, latents=latents)
+        return MivaOutput(frames=self.decode(latents), fps=fps, latents=latents, regions=regions)
+
+    @staticmethod
+    def _region_index(adapters: dict[str, float], masks: dict) -> dict[str, int]:
+        """Each adapter's index in the unified mask: its place among the masked (1-based), 0 if unmasked."""
+        order = [name for name in adapters if name in masks]
+        return {name: order.index(name) + 1 if name in masks else 0 for name in adapters}
+
+    def unified_regions(self, adapters: dict[str, float], masks: dict, num_frames: int | None = None,
+                        height: int | None = None, width: int | None = None) -> torch.Tensor | None:
+        """The unified mask (F, H, W) of a call (eq. S5), at the output size; None without masks.
+
+        Index j >= 1 is the j-th masked adapter in the order of `adapters`, 0 the background.
+        """
+        if not masks:
+            return None
+        for name in masks:
+            if name not in adapters:
+                raise ValueError(f"a mask was given for '{name}', which is not in this call; "
+                                 f"give masks only for the adapters used: {', '.join(adapters) or 'none'}.")
+        base = self.base
+        num_frames, height, width = num_frames or base.frames, height or base.height, width or base.width
+        fitted = [masks_lib.fit_mask(masks[name], num_frames, height, width, name) for name in adapters if name in masks]
+        return masks_lib.unify_masks(fitted)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import masks
+
 
 @dataclass
 class MivaContext:
@@ -31,9 +33,32 @@ class MivaContext:
     weights: dict[str, float] = field(default_factory=dict)  # active adapter -> weight (eq. S4)
     num_frames: int | None = None  # frames per clip of the current forward pass
     temb: torch.Tensor | None = None  # (b, d_t) timestep embedding c_t of the current pass
+    regions: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter -> (b, F, H, W) where it acts
+    _at_tokens: dict = field(default_factory=dict, repr=False)  # (name, layout, tokens) -> resized weights
 
-    def active(self, adapters: nn.ModuleDict) -> list[tuple[nn.Module, float]]:
-        return [(adapters[name], w) for name, w in self.weights.items() if w != 0 and name in adapters]
+    def active(self, adapters: nn.ModuleDict) -> list[tuple[str, nn.Module, float]]:
+        return [(name, adapters[name], w) for name, w in self.weights.items() if w != 0 and name in adapters]
+
+    def set_regions(self, regions: dict[str, torch.Tensor]) -> None:
+        self.regions = dict(regions)
+        self._at_tokens = {}
+
+    def region(self, name: str, tokens: int, temporal: bool = False) -> torch.Tensor | None:
+        """Adapter `name`'s region weights for a layer's tokens, or None where it acts everywhere:
+        (b F, n, 1) for a spatial attention of n tokens, (b h w, F, 1) for a motion module of n rows."""
+        region = self.regions.get(name)
+        if region is None:
+            return None
+        key = (name, temporal, tokens)
+        if key not in self._at_tokens:
+            resize = masks.temporal_token_weights if temporal else masks.spatial_token_weights
+            self._at_tokens[key] = resize(region, tokens)
+        return self._at_tokens[key]
+
+    def weighted(self, name: str, weight: float, out: torch.Tensor, temporal: bool = False) -> torch.Tensor:
+        """An adapter's output scaled by its weight and, if it has one, its region."""
+        region = self.region(name, out.shape[0] if temporal else out.shape[1], temporal)
+        return weight * out if region is None else out * (weight * region).to(out.dtype)
 
 
 class LowRankLinear(nn.Module):
@@ -189,13 +214,13 @@ class CrossFrameAttnProcessor(nn.Module):
         n = key.shape[2]
         cfa_key = rearrange(_reference_frames(key, num_frames), "b f h n d -> (b f) h n d")
         ref_value = _reference_frames(value, num_frames)  # (b, f, h, 2n, d)
-        for adapter, weight in active:
+        for name, adapter, weight in active:
             lam = adapter.frame_weights(clip_temb).to(value.dtype)  # (b, 2): λ2, λ3
             scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]  # (b, 1, 1, 2n, 1)
             cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
             cfa_query = _split_heads(adapter.query(hidden_states, query), attn.heads)
             cfa = F.scaled_dot_product_attention(cfa_query, cfa_key, cfa_value)
-            out = out + weight * adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)"))
+            out = out + self.context.weighted(name, weight, adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)")))
         return out
 
 
@@ -227,6 +252,6 @@ class ImplicitPromptProcessor(nn.Module):
         key = _split_heads(attn.to_k(context), attn.heads)
         value = _split_heads(attn.to_v(context), attn.heads)
         out = _attend(attn, _split_heads(query, attn.heads), key, value, attention_mask)
-        for adapter, weight in active:
-            out = out + weight * adapter(query)
+        for name, adapter, weight in active:
+            out = out + self.context.weighted(name, weight, adapter(query))
         return out

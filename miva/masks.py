@@ -1,0 +1,158 @@
+"""Masks for regional motion: user masks fitted to the frame, the unified mask of a mix (eq. S5),
+the mask-aware attention biases (eq. 3 and eq. S6), per-layer region weights, and the mask-step
+schedule of M-MIVA sampling (B.1.3).
+
+Conventions: a mask is a float tensor in [0, 1] (1 = the region); a mask *sequence* is (F, H, W).
+Masks given by a user (an image, or one per frame) are fitted exactly like the first frame (cover
+resize + centre crop to the output size), so a mask drawn on the uploaded image lines up with it
+whatever its size; then they are averaged down to the latent grid (area interpolation), and each
+attention layer reads them at its own token grid (area mean, see `at_tokens`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+
+from .media import fit_image, open_image
+
+EPS = 1e-6  # ε of eq. 3 / S6: log(ε) is the bias between regions that must not attend
+
+
+def _mask_image(value, name: str) -> Image.Image:
+    """One mask as a greyscale PIL image from a path, a PIL image, or a (H, W[, C]) array (bool, 0-1 or
+    0-255). With colour, the region is every non-black pixel; with transparency (a brush stroke on a
+    transparent layer), every painted pixel, whatever its colour."""
+    if isinstance(value, (str, Path)):
+        value = open_image(value, what="mask image")
+    if isinstance(value, Image.Image):
+        value = np.asarray(value.convert("RGBA") if "A" in value.getbands() or value.mode == "P" else value.convert("RGB"))
+    array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        see_through = array.shape[-1] == 4 and array[..., 3].min() < array[..., 3].max()
+        array = array[..., 3] if see_through else array[..., :3].max(axis=-1)
+    if array.ndim != 2 or array.size == 0:
+        raise ValueError(f"the mask for '{name}' has shape {array.shape}; give one (H, W) image per mask.")
+    if array.dtype == bool or array.max(initial=0) <= 1:
+        array = array.astype(np.float32) * 255
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+
+
+def fit_mask(mask, frames: int, height: int, width: int, name: str = "this adapter") -> torch.Tensor:
+    """A user mask -> (F, height, width) float in [0, 1].
+
+    `mask` is one mask (used for every frame) or a sequence of `frames` masks: paths, PIL images, or
+    arrays (H, W) / (F, H, W). Each is fitted like the first frame (cover resize + centre crop).
+    """
+    if isinstance(mask, (np.ndarray, torch.Tensor)) and mask.ndim == 3 and mask.shape[-1] not in (3, 4):
+        items = list(mask)  # (F, H, W)
+    elif isinstance(mask, (list, tuple)):
+        items = list(mask)
+    else:
+        items = [mask]
+    if len(items) not in (1, frames):
+        raise ValueError(f"the mask for '{name}' has {len(items)} frames; give one mask image or one per frame ({frames}).")
+    fitted = []
+    for item in items:
+        image = fit_image(_mask_image(item, name), width, height)
+        fitted.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0))
+    out = torch.stack(fitted)
+    if out.max() < 0.5:
+        raise ValueError(f"the mask for '{name}' is empty; paint the region to animate or remove the mask.")
+    return out.expand(frames, -1, -1).clone() if len(fitted) == 1 else out
+
+
+def to_latent_grid(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(..., H, W) masks -> (..., height, width) by area averaging (the VAE's downsampling)."""
+    lead = masks.shape[:-2]
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    return F.interpolate(flat, size=(height, width), mode="area").reshape(*lead, height, width)
+
+
+def unify_masks(masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """Eq. S5: the unified mask S* of a mix, (F, H, W) long in {0, 1, ..., n}.
+
+    `masks[j - 1]` is adapter j's mask sequence (F, H, W) in [0, 1], or None for an unmasked adapter.
+    A pixel belongs to the adapter whose mask is most confident there, if that confidence is above
+    0.5, else to the background (0). Ties, i.e. overlapping regions, go to the adapter with the
+    *higher* index: adapters are listed bottom to top, so a later one is in front.
+    """
+    given = [(j, m) for j, m in enumerate(masks, start=1) if m is not None]
+    if not given:
+        raise ValueError("no masks were given to unify.")
+    shape = given[0][1].shape
+    stack = torch.zeros((len(masks),) + tuple(shape))
+    for j, m in given:
+        if m.shape != shape:
+            raise ValueError(f"mask {j} has shape {tuple(m.shape)}, mask {given[0][0]} {tuple(shape)}; masks of one mix must match.")
+        stack[j - 1] = m.float()
+    best = stack.max(dim=0).values
+    # the last index that attains the maximum: flip, argmax (first hit), flip back
+    index = len(masks) - stack.flip(0).argmax(dim=0)
+    return torch.where(best > 0.5, index, torch.zeros_like(index))
+
+
+def mask_bias(s_query: torch.Tensor, s_key: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Eq. 3: log(S_p S_q + (1 - S_p)(1 - S_q) + ε) for confidences (..., n) and (..., m) -> (..., n, m)."""
+    p, q = s_query[..., :, None], s_key[..., None, :]
+    return torch.log(p * q + (1 - p) * (1 - q) + eps)
+
+
+def unified_bias(region_query: torch.Tensor, region_key: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Eq. S6: log(1(S*_p = S*_q) + ε) for region indices (..., n) and (..., m) -> (..., n, m)."""
+    same = (region_query[..., :, None] == region_key[..., None, :]).float()
+    return torch.log(same + eps)
+
+
+def token_grid(height: int, width: int, tokens: int) -> tuple[int, int]:
+    """The (h, w) token grid of an attention layer holding `tokens` tokens of a height x width latent."""
+    scale = math.sqrt(height * width / tokens)
+    h, w = round(height / scale), round(width / scale)
+    if h * w != tokens:  # a UNet with padding at odd sizes: search the factorisation nearest the aspect
+        candidates = [(a, tokens // a) for a in range(1, tokens + 1) if tokens % a == 0]
+        h, w = min(candidates, key=lambda hw: abs(hw[0] / hw[1] - height / width))
+    return h, w
+
+
+def at_tokens(region: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(b, F, H, W) region weights -> (b, F, h, w) at a layer's token grid.
+
+    B.1.1 resizes masks bilinearly; for the UNet's exact 2^k downsampling we take the area mean,
+    which equals bilinear at 2x and, unlike it, does not skip pixels at 4x and 8x.
+    """
+    b, f, height, width = region.shape
+    h, w = token_grid(height, width, tokens)
+    if (h, w) == (height, width):
+        return region
+    resized = F.interpolate(region.reshape(b * f, 1, height, width), size=(h, w), mode="area")
+    return resized.reshape(b, f, h, w)
+
+
+def spatial_token_weights(region: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Region weights for a spatial attention's (b F, n, c) tokens: (b F, n, 1)."""
+    return rearrange(at_tokens(region, tokens), "b f h w -> (b f) (h w) 1")
+
+
+def temporal_token_weights(region: torch.Tensor, rows: int) -> torch.Tensor:
+    """Region weights for a motion module's (b h w, F, c) tokens: (b h w, F, 1)."""
+    b = region.shape[0]
+    return rearrange(at_tokens(region, rows // b), "b f h w -> (b h w) f 1")
+
+
+def mask_steps(num_inference_steps: int, every: int = 5, until: float = 0.7) -> list[int]:
+    """The sampling steps at which M-MIVA regenerates masks (B.1.3), the rest reuse the cache.
+
+    The paper's 50-step setting, {0, 5, ..., 35}, scaled to other step counts: every
+    `every`/50 of the steps, up to `until` of them (35/50 = 0.7), always including step 0.
+    """
+    if num_inference_steps < 1:
+        raise ValueError("num_inference_steps must be at least 1.")
+    stride = max(1, round(num_inference_steps * every / 50))
+    last = math.floor(num_inference_steps * until + 1e-9)
+    return list(range(0, max(last, 0) + 1, stride))
