@@ -28,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     args = parser.parse_args()
@@ -36,7 +38,8 @@ def main() -> None:
             for clip in make_dataset(motion, args.clips, seed0=1000, config=WorldConfig(size=32, frames=16)):
                 save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.mp4")
             command = [sys.executable, "-m", "miva", "train", "--base", "toy", "--clips", tmp, "--motion", motion,
-                       "--out", str(args.out / motion), "--steps", str(args.steps)]
+                       "--out", str(args.out / motion), "--steps", str(args.steps), "--batch", str(args.batch)]
+            command += ["--lr", str(args.lr)] if args.lr else []
             print(" ".join(command[1:]), flush=True)
             subprocess.run(command, check=True, cwd=ROOT)
 
