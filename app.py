@@ -1,6 +1,6 @@
 """MIVA Studio: animate a still image with learned motions, mix them, teach new ones.
 
-    python app.py [--backend toy|animatediff-v3|tiny] [--port 7860] [--share]
+    python app.py [--backend toy|animatediff-v3|tiny] [--collection OWNER/SLUG] [--port 7860] [--share]
 
 Layout and wiring only; the work happens in `miva.studio.Studio`.
 """
@@ -12,21 +12,49 @@ import os
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from miva.studio import MAX_MIX, Studio
 
-GPU_JOB = "model"
-EXAMPLES = Path(__file__).resolve().parent / "assets"  # one concurrency group: one model job at a time, the rest queue
+GPU_JOB = "model"  # one concurrency group: one model job at a time, the rest queue
+EXAMPLES = Path(__file__).resolve().parent / "assets"
+TABS = ("animate", "mix", "train")
+ON_ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
+TRAIN_CHUNK = int(os.environ.get("MIVA_TRAIN_CHUNK", 150 if ON_ZERO_GPU else 0)) or None  # steps per GPU call
 
 
-def build_studio(backend: str) -> Studio:
+def on_gpu(duration):
+    """`spaces.GPU` with a duration computed from the call's arguments on a ZeroGPU Space; elsewhere a no-op."""
+    try:
+        import spaces
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+def drawn_region(editor) -> np.ndarray | None:
+    """The brush strokes of an image editor as one (H, W) mask (any painted pixel of any layer), or None."""
+    if not isinstance(editor, dict):
+        return None
+    layers = [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]
+    alpha = [layer[..., 3] for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]
+    if not alpha or max(int(a.max()) for a in alpha) == 0:
+        return None
+    if editor.get("background") is None:
+        raise gr.Error("upload the first frame before drawing a region on it.")
+    return np.maximum.reduce(alpha)
+
+
+def build_studio(backend: str, collection: str | None = None) -> Studio:
     import torch
 
     from miva.pipeline import MivaPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" and backend == "animatediff-v3" else torch.float32
-    return Studio(MivaPipeline.from_base(backend, device=device, dtype=dtype))
+    studio = Studio(MivaPipeline.from_base(backend, device=device, dtype=dtype), collection=collection)
+    studio.refresh_hub()
+    return studio
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -39,114 +67,198 @@ def build_app(studio: Studio) -> gr.Blocks:
     def gallery():
         return [(str(a.preview), a.motion) for a in studio.catalogue() if a.preview]
 
-    def run(fn, *args):
+    def run(fn, *args, **kwargs):
+        from miva.segment import SegmentationUnavailable
+
         try:
-            return fn(*args)
-        except (ValueError, FileNotFoundError, KeyError) as err:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, KeyError, ConnectionError, SegmentationUnavailable) as err:
             raise gr.Error(str(err.args[0] if isinstance(err, KeyError) else err)) from None
 
+    def mix_rows(rows) -> tuple[dict[str, float], dict[str, object]]:
+        """(name, weight, drawn region, phrase) x MAX_MIX -> ({name: weight}, {name: region or phrase})."""
+        weights, regions = {}, {}
+        for i in range(0, len(rows), 4):
+            name, weight, editor, phrase = rows[i : i + 4]
+            if not name:
+                continue
+            if name in weights:
+                raise gr.Error(f"'{name}' is chosen twice; pick each motion once and set its weight.")
+            weights[name] = float(weight)
+            drawn, phrase = drawn_region(editor), (phrase or "").strip()
+            if drawn is not None and phrase:
+                raise gr.Error(f"motion {i // 4 + 1} has both a drawn region and a phrase; keep one of them.")
+            if drawn is not None or phrase:
+                regions[name] = drawn if drawn is not None else phrase
+        if not weights:
+            raise gr.Error("choose at least one motion to mix.")
+        return weights, regions
+
+    def animate_seconds(image, adapter, frames, steps, seed, shared_noise, dct_init, adain, guidance, *_, **__):
+        return studio.gpu_seconds(frames, steps, 1 if adapter else 0, guidance)
+
+    @on_gpu(animate_seconds)
     def animate(image, adapter, frames, steps, seed, shared_noise, dct_init, adain, guidance,
                 progress=gr.Progress()):
         return str(run(studio.animate, image, {adapter: 1.0} if adapter else {}, frames, steps, seed, shared_noise,
                        dct_init, adain, guidance, lambda f, m: progress(f, desc=m)))
 
-    def mix(image, frames, steps, seed, *rows, progress=gr.Progress()):
-        weights = {}
-        for name, weight in zip(rows[0::2], rows[1::2]):
-            if name:
-                weights[name] = weights.get(name, 0.0) + float(weight)
-        if not weights:
-            raise gr.Error("choose at least one motion to mix.")
-        return str(run(studio.animate, image, weights, frames, steps, seed, 0.05, True, True, 1.0,
-                       lambda f, m: progress(f, desc=m)))
+    def mix_seconds(image, frames, steps, seed, *rows, **__):
+        return studio.gpu_seconds(frames, steps, MAX_MIX) + 30  # + masks from text
 
-    def train(files, motion, steps, resume, progress=gr.Progress()):
+    @on_gpu(mix_seconds)
+    def mix(image, frames, steps, seed, *rows, progress=gr.Progress()):
+        weights, regions = mix_rows(rows)
+        return str(run(studio.animate, image, weights, frames, steps, seed, 0.05, True, True, 1.0,
+                       lambda f, m: progress(f, desc=m), regions=regions))
+
+    def preview_regions(image, *rows):
+        weights, regions = mix_rows(rows)
+        return run(studio.preview_regions, image, weights, regions)
+
+    def segment(image, text):
+        from miva.segment import save_mask
+
+        mask = run(studio.segment, image, text)
+        return str(save_mask(mask, studio._out("mask").with_suffix(".png")))
+
+    def train_seconds(files, motion, steps, *_, **__):
+        return studio.train_seconds(min(int(steps), TRAIN_CHUNK or int(steps))) + 60
+
+    def train(files, motion, steps, resume, progress):
         paths = [getattr(f, "name", f) for f in files or []]
 
         def report(step, total, loss, eta):
             progress(step / total, desc=f"step {step}/{total}, loss {loss:.4f}")
 
-        folder, status = run(studio.train, paths, motion, steps, resume, None, report)
+        folder, status = run(studio.train, paths, motion, steps, resume, TRAIN_CHUNK, report)
         plot = {"step": list(range(1, len(status["losses"]) + 1)), "loss": status["losses"]}
         note = " ".join(status["warnings"])
         message = (f"Trained '{status['name']}': it is in the catalogue now. {note}" if folder
                    else f"Stopped at step {status['step']} of {status['steps']}; press Resume to continue. {note}")
-        mix_rows = [gr.update(choices=choices()) for _ in range(MAX_MIX)]
-        return (message.strip(), _loss_frame(plot), gr.update(choices=animate_choices()), *mix_rows, gallery())
+        mix_choices = [gr.update(choices=choices()) for _ in range(MAX_MIX)]
+        return (message.strip(), _loss_frame(plot), gr.update(choices=animate_choices()), *mix_choices, gallery(),
+                gr.update(choices=[a.name for a in studio.catalogue() if a.trained]))
+
+    def push(name, repo_id, token):
+        url = run(studio.push, name, repo_id, token)
+        return f"Pushed '{name}' to {url}"
 
     with gr.Blocks(title="MIVA Studio") as demo:
         gr.Markdown("# MIVA Studio\nAnimate a still image with a learned motion, mix motions, or teach a new one "
-                    f"from a few clips. Base: `{studio.pipe.base.id}` ({studio.pipe.base.description}).")
-        with gr.Tab("Animate"):
-            with gr.Row():
-                with gr.Column():
-                    image = gr.Image(label="First frame", type="pil", image_mode="RGB")
-                    adapter = gr.Dropdown(animate_choices(), label="Motion", value=animate_choices()[0][1],
-                                          allow_custom_value=True)  # names are checked by the Studio
-                    with gr.Row():
-                        frames = gr.Slider(2, 32, value=studio.pipe.base.frames, step=1, label="Frames")
-                        steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
-                        seed = gr.Number(0, precision=0, label="Seed")
-                    with gr.Accordion("Advanced", open=False):
-                        shared_noise = gr.Slider(0, 1, value=0.05, step=0.01, label="Shared-noise ratio")
-                        dct_init = gr.Checkbox(True, label="DCTInit (start from the first frame's low frequencies)")
-                        adain = gr.Checkbox(True, label="AdaIN to the first frame")
-                        guidance = gr.Slider(0, 5, value=1.0, step=0.1, label="Motion guidance (1 = off)")
-                    go = gr.Button("Animate", variant="primary")
-                    gr.Examples([[str(EXAMPLES / "example.png")], [str(EXAMPLES / "example-two-objects.png")]],
-                                inputs=[image], label="Example first frames")
-                with gr.Column():
-                    video = gr.Video(label="Video")
-                    previews = gr.Gallery(gallery(), label="Motions", columns=4, height=220)
-            go.click(animate, [image, adapter, frames, steps, seed, shared_noise, dct_init, adain, guidance], video,
-                     api_name="animate", concurrency_id=GPU_JOB, concurrency_limit=1)
-        with gr.Tab("Mix"):
-            with gr.Row():
-                with gr.Column():
-                    mix_image = gr.Image(label="First frame", type="pil", image_mode="RGB")
-                    rows = []
-                    for i in range(MAX_MIX):
+                    f"from a few clips. Base: `{studio.pipe.base.id}` ({studio.pipe.base.description}). "
+                    f"Catalogue: {studio.hub_status}")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Animate", id="animate"):
+                with gr.Row():
+                    with gr.Column():
+                        image = gr.Image(label="First frame", type="pil", image_mode="RGB")
+                        adapter = gr.Dropdown(animate_choices(), label="Motion", value=animate_choices()[0][1],
+                                              allow_custom_value=True)  # names are checked by the Studio
                         with gr.Row():
-                            rows.append(gr.Dropdown(choices(), label=f"Motion {i + 1}", value=None, allow_custom_value=True))
-                            rows.append(gr.Slider(0, 2, value=1.0, step=0.05, label="Weight"))
-                    with gr.Row():
-                        mix_frames = gr.Slider(2, 32, value=studio.pipe.base.frames, step=1, label="Frames")
-                        mix_steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
-                        mix_seed = gr.Number(0, precision=0, label="Seed")
-                    mix_go = gr.Button("Mix", variant="primary")
-                mix_video = gr.Video(label="Video")
-            mix_go.click(mix, [mix_image, mix_frames, mix_steps, mix_seed, *rows], mix_video, api_name="mix",
-                         concurrency_id=GPU_JOB, concurrency_limit=1)
-        with gr.Tab("Train"):
-            with gr.Row():
-                with gr.Column():
-                    files = gr.File(file_count="multiple", label="Clips of one motion (mp4, webm, gif)",
-                                    file_types=[".mp4", ".webm", ".mov", ".gif"])
-                    motion = gr.Textbox(label="Motion name", placeholder="e.g. move-left")
-                    train_steps = gr.Slider(10, 2000, value=300, step=10, label="Steps")
-                    with gr.Row():
-                        start = gr.Button("Start", variant="primary")
-                        resume = gr.Button("Resume")
-                        stop = gr.Button("Stop")
-                with gr.Column():
-                    status = gr.Textbox(label="Status", interactive=False)
-                    plot = gr.LinePlot(x="step", y="loss", label="Loss")
-            outputs = [status, plot, adapter, *rows[0::2], previews]
+                            frames = gr.Slider(2, 32, value=studio.pipe.base.frames, step=1, label="Frames")
+                            steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                            seed = gr.Number(0, precision=0, label="Seed")
+                        with gr.Accordion("Advanced", open=False):
+                            shared_noise = gr.Slider(0, 1, value=0.05, step=0.01, label="Shared-noise ratio")
+                            dct_init = gr.Checkbox(True, label="DCTInit (start from the first frame's low frequencies)")
+                            adain = gr.Checkbox(True, label="AdaIN to the first frame")
+                            guidance = gr.Slider(0, 5, value=1.0, step=0.1, label="Motion guidance (1 = off)")
+                        go = gr.Button("Animate", variant="primary")
+                        gr.Examples([[str(EXAMPLES / "example.png")], [str(EXAMPLES / "example-two-objects.png")]],
+                                    inputs=[image], label="Example first frames")
+                    with gr.Column():
+                        video = gr.Video(label="Video")
+                        previews = gr.Gallery(gallery(), label="Motions", columns=4, height=220)
+                go.click(animate, [image, adapter, frames, steps, seed, shared_noise, dct_init, adain, guidance],
+                         video, api_name="animate", concurrency_id=GPU_JOB, concurrency_limit=1)
+            with gr.Tab("Mix", id="mix"):
+                with gr.Row():
+                    with gr.Column():
+                        mix_image = gr.Image(label="First frame", type="pil", image_mode="RGB")
+                        rows, editors = [], []
+                        for i in range(MAX_MIX):
+                            with gr.Group():
+                                with gr.Row():
+                                    name = gr.Dropdown(choices(), label=f"Motion {i + 1}", value=None,
+                                                       allow_custom_value=True)
+                                    weight = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight")
+                                with gr.Accordion(f"Region of motion {i + 1} (optional: everywhere)", open=False):
+                                    editor = gr.ImageEditor(label="Paint the region on the first frame", type="numpy",
+                                                            sources=(), transforms=(), format="png", height=280,
+                                                            brush=gr.Brush(colors=["#e63c3c"], color_mode="fixed"))
+                                    phrase = gr.Textbox(label="…or describe it", max_length=200,
+                                                        placeholder="e.g. the red square")
+                            rows += [name, weight, editor, phrase]
+                            editors.append(editor)
+                        with gr.Row():
+                            mix_frames = gr.Slider(2, 32, value=studio.pipe.base.frames, step=1, label="Frames")
+                            mix_steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                            mix_seed = gr.Number(0, precision=0, label="Seed")
+                        with gr.Row():
+                            preview_go = gr.Button("Preview regions")
+                            mix_go = gr.Button("Mix", variant="primary")
+                    with gr.Column():
+                        regions_view = gr.Image(label="Regions: colour j = motion j's region, plain = background",
+                                                interactive=False)
+                        mix_video = gr.Video(label="Video")
+                # the painted regions sit on the first frame: a new first frame clears them
+                mix_image.change(lambda im: [{"background": im, "layers": [], "composite": im}] * MAX_MIX,
+                                 mix_image, editors, queue=False, api_name=False)
+                preview_go.click(preview_regions, [mix_image, *rows], regions_view, api_name="preview_regions")
+                mix_go.click(mix, [mix_image, mix_frames, mix_steps, mix_seed, *rows], mix_video, api_name="mix",
+                             concurrency_id=GPU_JOB, concurrency_limit=1)
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    with gr.Column():
+                        files = gr.File(file_count="multiple", label="Clips of one motion (mp4, webm, gif)",
+                                        file_types=[".mp4", ".webm", ".mov", ".gif"])
+                        motion = gr.Textbox(label="Motion name", placeholder="e.g. move-left", max_length=64)
+                        train_steps = gr.Slider(10, 2000, value=300, step=10, label="Steps")
+                        with gr.Row():
+                            start = gr.Button("Start", variant="primary")
+                            resume = gr.Button("Resume")
+                            stop = gr.Button("Stop")
+                    with gr.Column():
+                        status = gr.Textbox(label="Status", interactive=False)
+                        plot = gr.LinePlot(x="step", y="loss", label="Loss")
+                        with gr.Accordion("Share on the Hugging Face Hub", open=False):
+                            pushable = gr.Dropdown([a.name for a in studio.catalogue() if a.trained],
+                                                   label="Adapter trained here", allow_custom_value=True)
+                            repo = gr.Textbox(label="Model repo", placeholder="your-name/miva-move-left")
+                            token = gr.Textbox(label="Write token", type="password")
+                            push_go = gr.Button("Push to Hub")
+                            pushed = gr.Textbox(label="Result", interactive=False)
+                outputs = [status, plot, adapter, *rows[0::4], previews, pushable]
 
-            def train_start(files, motion, steps, progress=gr.Progress()):
-                return train(files, motion, steps, False, progress)
+                @on_gpu(train_seconds)
+                def train_start(files, motion, steps, progress=gr.Progress()):
+                    return train(files, motion, steps, False, progress)
 
-            def train_resume(files, motion, steps, progress=gr.Progress()):
-                return train(files, motion, steps, True, progress)
+                @on_gpu(train_seconds)
+                def train_resume(files, motion, steps, progress=gr.Progress()):
+                    return train(files, motion, steps, True, progress)
 
-            start.click(train_start, [files, motion, train_steps], outputs, api_name="train",
-                        concurrency_id=GPU_JOB, concurrency_limit=1)
-            resume.click(train_resume, [files, motion, train_steps], outputs, api_name="resume_training",
-                         concurrency_id=GPU_JOB, concurrency_limit=1)
-            stop.click(studio.request_stop, None, None, api_name="stop_training", queue=False)
-        list_button = gr.Button(visible=False)
-        catalogue = gr.JSON(visible=False)
+                start.click(train_start, [files, motion, train_steps], outputs, api_name="train",
+                            concurrency_id=GPU_JOB, concurrency_limit=1)
+                resume.click(train_resume, [files, motion, train_steps], outputs, api_name="resume_training",
+                             concurrency_id=GPU_JOB, concurrency_limit=1)
+                stop.click(studio.request_stop, None, None, api_name="stop_training", queue=False)
+                push_go.click(push, [pushable, repo, token], pushed, api_name="push")
+        with gr.Row(visible=False):  # API-only endpoints
+            list_button, catalogue = gr.Button(), gr.JSON()
+            segment_image, segment_text, segment_mask = gr.Image(type="pil"), gr.Textbox(), gr.Image(type="filepath")
+            segment_button = gr.Button()
         list_button.click(lambda: studio.describe(), None, catalogue, api_name="list_adapters")
+        segment_button.click(segment, [segment_image, segment_text], segment_mask, api_name="segment",
+                             concurrency_id=GPU_JOB, concurrency_limit=1)
+
+        def open_tab(request: gr.Request):
+            """`?tab=mix` opens that tab: links and screenshots can point at one."""
+            tab = (request.query_params.get("tab") or "animate") if request else "animate"
+            return gr.Tabs(selected=tab if tab in TABS else "animate")
+
+        demo.load(open_tab, None, tabs, api_name=False, queue=False)
     return demo
 
 
@@ -162,8 +274,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("MIVA_HOST", "127.0.0.1"))
     parser.add_argument("--share", action="store_true")
+    parser.add_argument("--collection", default=None,
+                        help="Hub collection of adapters (owner/slug; default: $MIVA_COLLECTION)")
     args = parser.parse_args()
-    demo = build_app(build_studio(args.backend))
+    from miva.hub import collection_id
+
+    demo = build_app(build_studio(args.backend, collection_id(args.collection)))
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                    max_file_size="200mb")
 

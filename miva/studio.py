@@ -15,14 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+from PIL import Image
+
 from .adapter import MAX_WEIGHT, check_adapter_name
 from .config import MivaConfig
-from .pipeline import ADAPTERS_DIR, MivaPipeline, resolve_adapter
+from .pipeline import ADAPTERS_DIR, MivaPipeline
 
 MAX_MIX = 4  # adapters in one mix
 MAX_FRAMES = 32
 MAX_STEPS = 100
+MAX_PHRASE = 200  # characters of a text phrase for a mask
 Progress = Callable[[float, str], None]  # (fraction done, message)
+# Rough GPU seconds, for a Space's time-limited GPU: (fixed, per frame x sampling step, per training step).
+GPU_COST = {"animatediff-v3": (20.0, 0.02, 0.6)}
+DEFAULT_GPU_COST = (10.0, 0.01, 0.3)
+REGION_COLOURS = np.array([(0, 0, 0), (230, 60, 60), (60, 140, 240), (250, 200, 40), (80, 200, 120)], np.uint8)
 
 
 @dataclass
@@ -33,13 +41,19 @@ class AdapterInfo:
     folder: Path
     preview: Path | None
     trained: bool  # trained in this Studio (vs. shipped)
+    source: str = "local"  # "local" (shipped or trained here) or the Hub repo id it came from
 
 
 class Studio:
     """One base model, its adapter catalogue, and the jobs users run on it."""
 
-    def __init__(self, pipe: MivaPipeline, shipped: Path = ADAPTERS_DIR, workdir: str | Path | None = None):
+    def __init__(self, pipe: MivaPipeline, shipped: Path = ADAPTERS_DIR, workdir: str | Path | None = None,
+                 collection: str | None = None, segmenter=None):
         self.pipe = pipe
+        self.collection = collection
+        self.hub: dict[str, tuple[str, Path]] = {}  # name -> (repo id, cached folder)
+        self.hub_status = "no Hub collection is set: local adapters only." if not collection else ""
+        self._segmenter = segmenter  # a miva.segment.TextSegmenter, made on first use
         self.shipped = Path(shipped)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="miva-studio-"))
         self.trained = self.workdir / "adapters"
@@ -47,34 +61,117 @@ class Studio:
         self.lock = threading.Lock()  # one model job at a time: the pipeline's adapter weights are shared
         self.stop = threading.Event()  # set by the UI's Stop button; a training run checkpoints and returns
 
+    # -- time on a GPU ----------------------------------------------------------------------------
+    def gpu_seconds(self, frames: int = 16, steps: int = 25, adapters: int = 1, guidance: float = 1.0) -> int:
+        """An upper estimate of one animate call's GPU time (a Space asks for this much)."""
+        fixed, per_frame_step, _ = GPU_COST.get(self.pipe.base.id, DEFAULT_GPU_COST)
+        passes = 2 if guidance != 1 and adapters else 1
+        return int(fixed + per_frame_step * int(frames) * int(steps) * passes * (1 + 0.2 * adapters))
+
+    def train_seconds(self, steps: int) -> int:
+        fixed, _, per_step = GPU_COST.get(self.pipe.base.id, DEFAULT_GPU_COST)
+        return int(fixed * 2 + per_step * int(steps))
+
     # -- catalogue -------------------------------------------------------------------------------
-    def catalogue(self) -> list[AdapterInfo]:
-        """Adapters for this base: shipped ones, then ones trained here (a trained name wins)."""
-        found: dict[str, AdapterInfo] = {}
-        for folder, trained in ((self.shipped, False), (self.trained, True)):
-            if not folder.is_dir():
+    def refresh_hub(self) -> str:
+        """Fetch the adapters of the Hub collection for this base into the Hub cache; returns a status line."""
+        if not self.collection:
+            return self.hub_status
+        from . import hub
+
+        listing = hub.list_hub_adapters(self.collection, base=self.pipe.base.id)
+        fetched, problems = {}, []
+        for item in listing.adapters:
+            try:
+                folder = item.folder or hub.fetch_adapter(item.repo_id, base=self.pipe.base.id)
+            except (ValueError, FileNotFoundError, ConnectionError) as err:
+                problems.append(f"{item.repo_id}: {err}")
                 continue
-            for path in sorted(folder.iterdir()):
-                try:
-                    config = MivaConfig.load(path)
-                except (FileNotFoundError, ValueError, TypeError, NotADirectoryError):
-                    continue
-                if config.base != self.pipe.base.id:
-                    continue
-                preview = path / "preview.gif"
-                found[path.name] = AdapterInfo(path.name, config.motion or path.name, config.base, path,
-                                               preview if preview.is_file() else None, trained)
+            fetched[check_adapter_name(item.repo_id.split("/")[-1].lower())] = (item.repo_id, folder)
+        self.hub = fetched
+        if listing.offline:
+            self.hub_status = f"offline: local adapters only ({listing.offline})"
+        else:
+            self.hub_status = f"{len(fetched)} adapters from the Hub collection {self.collection}." + (
+                f" Skipped: {'; '.join(problems)}" if problems else "")
+        return self.hub_status
+
+    def catalogue(self) -> list[AdapterInfo]:
+        """Adapters for this base: shipped ones, the Hub collection's (which win a shared name), and
+        ones trained here (which always win)."""
+        found: dict[str, AdapterInfo] = {}
+        entries = [(path.name, path, trained, "local") for folder, trained in ((self.shipped, False), (self.trained, True))
+                   if folder.is_dir() for path in sorted(folder.iterdir())]
+        entries += [(name, folder, False, repo) for name, (repo, folder) in self.hub.items()]
+        for name, path, trained, source in entries:
+            try:
+                config = MivaConfig.load(path)
+            except (FileNotFoundError, ValueError, TypeError, NotADirectoryError):
+                continue
+            if config.base != self.pipe.base.id or (name in found and found[name].trained):
+                continue  # another base's adapter; or a name trained here, which is the user's own and stays
+            preview = path / "preview.gif"
+            found[name] = AdapterInfo(name, config.motion or name, config.base, path,
+                                      preview if preview.is_file() else None, trained, source)
         return list(found.values())
 
     def resolve(self, name: str) -> Path:
-        """A catalogue name -> its folder; anything else is refused with the known names."""
+        """A catalogue name -> its folder; anything else is refused with the known names.
+
+        Names are looked up in the catalogue, never joined to a path, so none can escape its folder."""
         if not isinstance(name, str) or not name.strip():
             raise ValueError("choose an adapter from the catalogue.")
-        return resolve_adapter(name.strip(), search=(self.trained, self.shipped), allow_paths=False)
+        known = {a.name: a.folder for a in self.catalogue()}
+        if name.strip() not in known:
+            raise FileNotFoundError(f"adapter '{name.strip()}' was not found; known adapters: {', '.join(sorted(known)) or 'none'}.")
+        return known[name.strip()]
 
     def describe(self) -> list[dict]:
-        return [{"name": a.name, "motion": a.motion, "base": a.base, "trained_here": a.trained}
+        return [{"name": a.name, "motion": a.motion, "base": a.base, "trained_here": a.trained, "source": a.source}
                 for a in self.catalogue()]
+
+    def push(self, name: str, repo_id: str, token: str | None, private: bool = False) -> str:
+        """Upload an adapter trained here (files + card + preview) to a new or existing Hub model repo."""
+        from . import hub
+
+        folder = self.resolve(name)
+        if folder.parent != self.trained:
+            raise ValueError(f"'{name}' was not trained here; push adapters you trained in this session.")
+        return hub.push_adapter(folder, (repo_id or "").strip(), token=(token or "").strip() or None, private=private)
+
+    # -- regions ---------------------------------------------------------------------------------
+    def segment(self, image, text: str) -> np.ndarray:
+        """An (H, W) bool mask of what `text` names in `image`, at the image's size (Grounding DINO + SAM 2)."""
+        from .media import load_image
+        from .segment import TextSegmenter
+
+        text = (text or "").strip()
+        if len(text) > MAX_PHRASE:
+            raise ValueError(f"the phrase is {len(text)} characters long; describe the region in at most {MAX_PHRASE}.")
+        if self._segmenter is None:
+            self._segmenter = TextSegmenter()
+        return self._segmenter.segment_image(load_image(image), text)
+
+    def region_masks(self, image, regions: dict[str, object]) -> dict[str, object]:
+        """{adapter: a drawn mask, or a text phrase to segment} -> {adapter: mask}, drawn masks as given."""
+        return {name: self.segment(image, value) if isinstance(value, str) else value
+                for name, value in regions.items() if value is not None}
+
+    def preview_regions(self, image, mix: dict[str, float], regions: dict[str, object]) -> Image.Image:
+        """The first frame with the unified mask of a mix laid over it (eq. S5), as the sampler will use it:
+        colour j = the j-th masked adapter, uncoloured = the background (unmasked adapters act there)."""
+        if image is None:
+            raise ValueError("upload a first frame (an image) to draw regions on.")
+        base = self.pipe.base
+        unified = self.pipe.unified_regions(mix, self.region_masks(image, regions), 1, base.height, base.width)
+        if unified is None:
+            raise ValueError("no region was drawn or described; draw on the first frame or type a phrase.")
+        frame = np.asarray(self.pipe.prepare_first_frame(image, base.height, base.width)[0].permute(1, 2, 0))
+        frame = ((frame + 1) * 127.5).clip(0, 255)
+        index = unified[0].numpy()
+        colours = REGION_COLOURS[np.minimum(index, len(REGION_COLOURS) - 1)].astype(np.float32)
+        alpha = (index > 0)[..., None] * 0.55
+        return Image.fromarray((frame * (1 - alpha) + colours * alpha).astype(np.uint8))
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -85,8 +182,9 @@ class Studio:
 
     def animate(self, image, mix: dict[str, float], frames: int = 16, steps: int = 25, seed: int = 0,
                 shared_noise: float = 0.05, dct_init: bool = True, adain: bool = True, guidance: float = 1.0,
-                progress: Progress | None = None) -> Path:
-        """Animate `image` with {adapter name: weight}: none (the base alone), one, or up to 4 mixed."""
+                progress: Progress | None = None, regions: dict[str, object] | None = None) -> Path:
+        """Animate `image` with {adapter name: weight}: none (the base alone), one, or up to 4 mixed;
+        `regions` confines adapters: {name: a drawn mask or a text phrase}."""
         if image is None:
             raise ValueError("upload a first frame (an image) to animate.")
         if len(mix) > MAX_MIX:
@@ -98,15 +196,18 @@ class Studio:
             if not 0 <= float(weight) <= MAX_WEIGHT:
                 raise ValueError(f"the weight of '{name}' is {weight}; use a number from 0 to {MAX_WEIGHT:g}.")
         folders = {name: self.resolve(name) for name in mix}
+        masks = self.region_masks(image, regions or {})
         with self.lock:
-            weights = {}
+            weights, keys = {}, {}
             for name, folder in folders.items():
-                key = f"{'t' if folder.parent == self.trained else 's'}-{check_adapter_name(name)}"
-                weights[self.pipe.load_adapter(folder, name=key)] = float(mix[name])
+                source = "t" if folder.parent == self.trained else "s" if folder.parent == self.shipped else "h"
+                keys[name] = self.pipe.load_adapter(folder, name=f"{source}-{check_adapter_name(name)}")
+                weights[keys[name]] = float(mix[name])
             callback = (lambda i, n: progress(i / n, f"denoising step {i}/{n}")) if progress else None
             out = self.pipe(image, adapters=weights, num_frames=frames, num_inference_steps=steps, seed=seed,
                             shared_noise_ratio=float(shared_noise), dct_init=bool(dct_init), adain=bool(adain),
-                            guidance_scale=float(guidance), callback=callback)
+                            guidance_scale=float(guidance), callback=callback,
+                            masks={keys.get(name, name): mask for name, mask in masks.items()})
         return out.save(self._out("miva"))
 
     def train(self, clips: list, motion: str, steps: int = 300, resume: bool = False, chunk_steps: int | None = None,

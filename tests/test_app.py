@@ -71,10 +71,70 @@ def test_animate_with_the_base_alone(served):
                                        api_name="/animate")) == 3
 
 
+def row(name=None, weight=1.0, region=None, phrase=""):
+    """One Mix row as the API takes it: motion, weight, painted region (image editor value), phrase."""
+    return [name, weight, region, phrase]
+
+
+def EMPTY():
+    return row() * 3
+
+
+def painted(root, image, box=(4, 4, 20, 20)):
+    """An image-editor value: the first frame with one brush layer painted over `box` (x0, y0, x1, y1)."""
+    layer = np.zeros((40, 48, 4), np.uint8)
+    x0, y0, x1, y1 = box
+    layer[y0:y1, x0:x1] = (230, 60, 60, 255)
+    path = root / f"layer-{x0}-{y0}.png"
+    Image.fromarray(layer, "RGBA").save(path)
+    return {"background": handle_file(str(image)), "layers": [handle_file(str(path))], "composite": None}
+
+
 def test_mix(served):
     client, _, image, _ = served
-    rows = ["move-left", 0.5, "zoom-in", 1.0, None, 1.0, None, 1.0]
+    rows = row("move-left", 0.5) + row("zoom-in") + row() + row()
     assert video_frames(client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")) == 4
+
+
+def test_mix_with_a_painted_region_and_its_preview(served):
+    client, root, image, _ = served
+    rows = row("move-left", 1.0, painted(root, image)) + row("zoom-in") + row() + row()
+    preview = client.predict(handle_file(str(image)), *rows, api_name="/preview_regions")
+    pixels = np.asarray(Image.open(preview).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (32, 32)
+    tinted = np.abs(pixels - 90).sum(axis=-1) > 30  # the grey first frame, coloured where the region is
+    assert 0.05 < tinted.mean() < 0.6
+    assert video_frames(client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")) == 4
+
+
+def test_mix_region_mistakes_are_readable(served):
+    client, root, image, _ = served
+    both = row("move-left", 1.0, painted(root, image), "the square") + EMPTY()
+    with pytest.raises(Exception, match="both a drawn region and a phrase"):
+        client.predict(handle_file(str(image)), 4, 2, 1, *both, api_name="/mix")
+    twice = row("move-left") + row("move-left") + row() + row()
+    with pytest.raises(Exception, match="chosen twice"):
+        client.predict(handle_file(str(image)), 4, 2, 1, *twice, api_name="/mix")
+    with pytest.raises(Exception, match="no region was drawn or described"):
+        client.predict(handle_file(str(image)), *row("move-left"), *EMPTY(), api_name="/preview_regions")
+
+
+def test_text_regions_without_the_models_say_so(served, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    client, _, image, _ = served
+    with pytest.raises(Exception, match="not available offline"):
+        client.predict(handle_file(str(image)), "the square", api_name="/segment")
+    with pytest.raises(Exception, match="not available offline"):
+        client.predict(handle_file(str(image)), 4, 2, 1, *row("move-left", 1.0, None, "the square"), *EMPTY(),
+                       api_name="/mix")
+
+
+def test_push_needs_an_adapter_trained_here_and_a_token(served):
+    client, *_ = served
+    with pytest.raises(Exception, match="not trained here|was not found"):
+        client.predict("move-left", "someone/miva-move-left", "", api_name="/push")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -92,12 +152,12 @@ def test_animate_bad_input_is_a_readable_error(served, args, message):
 def test_mix_needs_a_motion(served):
     client, _, image, _ = served
     with pytest.raises(Exception, match="choose at least one motion"):
-        client.predict(handle_file(str(image)), 4, 2, 1, None, 1.0, None, 1.0, None, 1.0, None, 1.0, api_name="/mix")
+        client.predict(handle_file(str(image)), 4, 2, 1, *row(), *EMPTY(), api_name="/mix")
 
 
 def test_mix_weight_out_of_range(served):
     client, _, image, _ = served
-    rows = ["move-left", 3.0, None, 1.0, None, 1.0, None, 1.0]
+    rows = row("move-left", 3.0) + EMPTY()
     with pytest.raises(Exception, match="greater than maximum value 2"):  # the slider refuses it
         client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")
 
