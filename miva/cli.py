@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
         pipe, clipset.clips, args.out, motion, name=args.name, steps=args.steps, lr=args.lr, batch=args.batch,
         seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, callback=progress,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        sources=clipset.names,
+        sources=clipset.names, augment=args.augment,
     )
     print(f"wrote adapter {folder}")
     return 0
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=500)
     train.add_argument("--lr", type=float, default=None, help="AdamW lr (default: 1e-5 real base, 1e-3 toy)")
     train.add_argument("--batch", type=int, default=1)
+    train.add_argument("--augment", type=int, default=1, help="colour variants per clip, 1-6 (1: none)")
     train.add_argument("--frames", type=int, default=None, help="frames per clip (default: the base's, 16)")
     train.add_argument("--stride", type=int, default=1, help="take every N-th frame of each clip")
     train.add_argument("--seed", type=int, default=0)

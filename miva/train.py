@@ -275,6 +275,19 @@ def encode_clips(encode: Callable[[torch.Tensor], torch.Tensor], clips: list[np.
     return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
 
 
+COLOUR_ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 0, 2))
+
+
+def colour_variants(clips: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """Each (F, H, W, 3) clip in `n` colourings (1 <= n <= 6): itself, then its RGB channels permuted.
+
+    A channel permutation keeps every edge, shape and motion exactly and changes only hues.
+    """
+    if not 1 <= n <= len(COLOUR_ORDERS):
+        raise ValueError(f"augment must be 1 to {len(COLOUR_ORDERS)} colour variants, not {n}.")
+    return [clip[..., list(order)] for clip in clips for order in COLOUR_ORDERS[:n]]
+
+
 def train_adapter(
     pipe,
     clips: list[np.ndarray],
@@ -294,8 +307,12 @@ def train_adapter(
     gradient_checkpointing: bool = False,
     preview_steps: int = 25,
     sources: list[str] | None = None,
+    augment: int = 1,
 ) -> Path | None:
     """Teach `pipe`'s base a motion from `clips`; write the adapter (card, preview GIF, loss curve) to `out`.
+
+    `augment` > 1 trains on that many colour variants of each clip (`colour_variants`), so a motion
+    taught from a few clips is not tied to their colours.
 
     Returns the adapter folder, or None when `should_stop` ended the run early (its checkpoint stays,
     so `resume=True` continues it).
@@ -312,11 +329,11 @@ def train_adapter(
         raise ValueError(f"an adapter named '{name}' is loaded; unload it or train under another name.")
     lr = lr if lr is not None else DEFAULT_LR.get(base.id, FALLBACK_LR)
     frames = clips[0].shape[0]
-    latents = encode_clips(pipe.encode, clips).to(base.device)  # (n, c, F, h, w)
+    latents = encode_clips(pipe.encode, colour_variants(clips, augment)).to(base.device)  # (n, c, F, h, w)
     config = config or MivaConfig(base=base.id)
     config.motion = motion
     config.training = {"clips": len(clips), "frames": frames, "steps": steps, "lr": lr, "batch": batch,
-                       "seed": seed, "sources": list(sources or [])[:16]}
+                       "seed": seed, "augment": augment, "sources": list(sources or [])[:16]}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         manager = attach(base.unet, config, name, base=base.id)
@@ -338,7 +355,7 @@ def train_adapter(
         state = run_training(
             params, loss_fn, steps, out, seed=seed, lr=lr, checkpoint_every=checkpoint_every, resume=resume,
             meta={"what": "adapter", "base": base.id, "motion": motion, "clips": len(clips), "batch": batch,
-                  "seed": seed, "lr": lr}, callback=callback, should_stop=should_stop,
+                  "seed": seed, "lr": lr, "augment": augment}, callback=callback, should_stop=should_stop,
         )
         base.unet.eval()
         if gradient_checkpointing:

@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--augment", type=int, default=6, help="colour variants per clip (see miva.train)")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     args = parser.parse_args()
@@ -38,7 +39,8 @@ def main() -> None:
             for clip in make_dataset(motion, args.clips, seed0=1000, config=WorldConfig(size=32, frames=16)):
                 save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.mp4")
             command = [sys.executable, "-m", "miva", "train", "--base", "toy", "--clips", tmp, "--motion", motion,
-                       "--out", str(args.out / motion), "--steps", str(args.steps), "--batch", str(args.batch)]
+                       "--out", str(args.out / motion), "--steps", str(args.steps), "--batch", str(args.batch),
+                       "--augment", str(args.augment)]
             command += ["--lr", str(args.lr)] if args.lr else []
             print(" ".join(command[1:]), flush=True)
             subprocess.run(command, check=True, cwd=ROOT)

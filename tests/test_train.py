@@ -100,3 +100,14 @@ def test_bad_training_input(pipe, clips, tmp_path):
         train_adapter(pipe, clips, tmp_path / "x", "spin", **{**FAST, "steps": 0})
     with pytest.raises(ValueError, match="not allowed"):
         train_adapter(pipe, clips, tmp_path / "x", "spin", name="../evil", **FAST)
+
+
+def test_colour_variants_permute_channels_and_keep_everything_else():
+    from miva.train import colour_variants
+
+    clip = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    variants = colour_variants([clip, clip[::-1]], 3)
+    assert len(variants) == 6 and np.array_equal(variants[0], clip) and np.array_equal(variants[1], clip[..., [1, 2, 0]])
+    assert all(np.array_equal(np.sort(v, axis=-1), np.sort(clip, axis=-1)) for v in variants[:3])
+    with pytest.raises(ValueError, match="augment must be 1 to 6"):
+        colour_variants([clip], 7)
