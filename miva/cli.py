@@ -44,14 +44,35 @@ def cmd_animate(args) -> int:
     for spec in args.adapter:
         path, weight = parse_adapter_spec(spec)
         weights[pipe.load_adapter(path)] = weight
+    masks = {}
+    segmenter = None
+    for option, items in (("--mask", args.mask), ("--mask-text", args.mask_text)):
+        for item in items:
+            name, _, value = item.partition("=")
+            if not name or not value:
+                raise ValueError(f"{option} '{item}' needs the form ADAPTER=VALUE, e.g. {option} move-left=left.png.")
+            if option == "--mask-text":
+                from .segment import TextSegmenter
+
+                segmenter = segmenter or TextSegmenter()
+                value = segmenter.segment_image(args.image, value)
+            masks[name] = value
     start = time.perf_counter()
     out = pipe(
         args.image, adapters=weights, num_frames=args.frames, num_inference_steps=args.steps, seed=args.seed,
         guidance_scale=args.guidance, shared_noise_ratio=args.shared_noise, dct_init=not args.no_dct_init,
-        adain=not args.no_adain, fps=args.fps,
+        adain=not args.no_adain, fps=args.fps, masks=masks,
     )
     path = out.save(args.out)
     print(f"wrote {path} ({len(out.frames)} frames, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .segment import TextSegmenter, save_mask
+
+    mask = TextSegmenter().segment_image(args.image, args.text)
+    print(f"wrote {save_mask(mask, args.out)} ({mask.mean():.1%} of the image)")
     return 0
 
 
@@ -129,9 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--no-dct-init", action="store_true", help="start from plain noise")
     animate.add_argument("--no-adain", action="store_true", help="skip AdaIN post-processing")
     animate.add_argument("--fps", type=int, default=8)
+    animate.add_argument("--mask", action="append", default=[], metavar="ADAPTER=FILE",
+                         help="confine an adapter to a region: a mask image, white = region, fitted like the image")
+    animate.add_argument("--mask-text", action="append", default=[], metavar="ADAPTER=PHRASE",
+                         help="confine an adapter to what a phrase names (Grounding DINO + SAM 2)")
     animate.add_argument("--base", default="toy", choices=BASE_CHOICES)
     animate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     animate.set_defaults(run=cmd_animate)
+
+    segment = sub.add_parser("segment", help="a mask of what a phrase names in an image (Grounding DINO + SAM 2)")
+    segment.add_argument("--image", required=True)
+    segment.add_argument("--text", required=True, help='e.g. "the red square"')
+    segment.add_argument("--out", default="mask.png")
+    segment.set_defaults(run=cmd_segment)
 
     train = sub.add_parser("train", help="teach a new motion from a few clips (or stills + a camera motion)")
     train.add_argument("--clips", help="folder of clips (mp4, webm, gif, or folders of frames)")
@@ -160,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .segment import SegmentationUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, ConnectionError, SegmentationUnavailable) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2

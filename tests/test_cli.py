@@ -33,6 +33,28 @@ def test_animate_writes_a_video(tmp_path, image, tiny_base, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_animate_with_a_mask_and_mask_mistakes(tmp_path, image, tiny_base, capsys, monkeypatch):
+    attach(tiny_base.unet, MivaConfig(base="tiny", motion="spin"), "spin")
+    save_adapter(tiny_base.unet, "spin", tmp_path / "spin")
+    mask = tmp_path / "mask.png"
+    region = np.zeros((48, 40), np.uint8)
+    region[:, :20] = 255
+    Image.fromarray(region).save(mask)
+    common = ["animate", "--base", "tiny", "--image", str(image), "--adapter", str(tmp_path / "spin"),
+              "--frames", "3", "--steps", "1", "--out", str(tmp_path / "out.gif")]
+    assert main([*common, "--mask", f"spin={mask}"]) == 0
+    assert main([*common, "--mask", f"other={mask}"]) == 2
+    assert "a mask was given for 'other', which is not in this call" in capsys.readouterr().err
+    assert main([*common, "--mask", "spin"]) == 2
+    assert "needs the form ADAPTER=VALUE" in capsys.readouterr().err
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main([*common, "--mask-text", "spin=the left half"]) == 2
+    assert "not available offline" in capsys.readouterr().err
+    assert main(["segment", "--image", str(image), "--text", "a square", "--out", str(tmp_path / "m.png")]) == 2
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--adapter", "no-such-adapter"], "adapter 'no-such-adapter' was not found"),
     (["--frames", "1"], "ask for 2 to"),
