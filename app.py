@@ -120,7 +120,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         from miva.segment import save_mask
 
         mask = run(studio.segment, image, text)
-        return str(save_mask(mask, studio._out("mask").with_suffix(".png")))
+        return str(save_mask(mask, studio.out_path("mask", ".png")))
 
     def train_seconds(files, motion, steps, *_, **__):
         return studio.train_seconds(min(int(steps), TRAIN_CHUNK or int(steps))) + 60

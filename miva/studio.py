@@ -177,8 +177,9 @@ class Studio:
         self.stop.set()
 
     # -- jobs ------------------------------------------------------------------------------------
-    def _out(self, stem: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=self.workdir)) / f"{stem}.mp4"
+    def out_path(self, stem: str, suffix: str = ".mp4") -> Path:
+        """A fresh file path in its own temporary folder: no two requests share one."""
+        return Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=self.workdir)) / f"{stem}{suffix}"
 
     def animate(self, image, mix: dict[str, float], frames: int = 16, steps: int = 25, seed: int = 0,
                 shared_noise: float = 0.05, dct_init: bool = True, adain: bool = True, guidance: float = 1.0,
@@ -208,7 +209,7 @@ class Studio:
                             shared_noise_ratio=float(shared_noise), dct_init=bool(dct_init), adain=bool(adain),
                             guidance_scale=float(guidance), callback=callback,
                             masks={keys.get(name, name): mask for name, mask in masks.items()})
-        return out.save(self._out("miva"))
+        return out.save(self.out_path("miva"))
 
     def train(self, clips: list, motion: str, steps: int = 300, resume: bool = False, chunk_steps: int | None = None,
               progress: Callable[[int, int, float, float], None] | None = None,

@@ -220,26 +220,29 @@ class _Handler(BaseHTTPRequestHandler):
                       for i, (item_type, item_id) in enumerate(items)],
         })
 
-    def _model_info(self, repo_id: str, revision: str) -> None:
+    def _revision(self, repo_id: str, revision: str):
+        """(repo, (sha, files)) of a repo at a revision, or None once an error has been answered."""
         repo = self._repo(repo_id)
         if repo is None:
-            return
+            return None
         found = repo.at(revision)
         if found is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        sha, files = found
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return None
+        return repo, found
+
+    def _model_info(self, repo_id: str, revision: str) -> None:
+        if (hit := self._revision(repo_id, revision)) is None:
+            return
+        repo, (sha, files) = hit
         self._json(200, {"id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0], "sha": sha,
                          "private": repo.private, "tags": ["miva"], "library_name": "miva",
                          "siblings": [{"rfilename": name} for name in sorted(files)]})
 
     def _tree(self, repo_id: str, revision: str) -> None:
-        repo = self._repo(repo_id)
-        if repo is None:
+        if (hit := self._revision(repo_id, revision)) is None:
             return
-        found = repo.at(revision)
-        if found is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        _, files = found
+        _, (_, files) = hit
         self._json(200, [{"type": "file", "path": name, "size": len(data), "oid": git_blob_oid(data)}
                          for name, data in sorted(files.items())])
 
