@@ -2,11 +2,13 @@
 
     python benchmarks/overhead.py                 # mid-size config on the CPU
     python benchmarks/overhead.py --config full   # SD1.5 + AnimateDiff v3 at 16x512x320 (GPU)
+    python benchmarks/overhead.py --config wan-mid      # Wan2.1 1.3B blocks, 4 of 30 layers, 17x240x416 (CPU)
+    python benchmarks/overhead.py --config wan-full     # Wan2.1-T2V-1.3B at 17x480x832 (GPU)
 
-The base and base+MIVA UNets (random weights: values do not change cost) run interleaved in one
+The base and base+MIVA denoisers (random weights: values do not change cost) run interleaved in one
 process, so machine noise hits both alike. The FLOP ratio of the same two models on the same input
 is counted with torch.utils.flop_counter on the meta device: it is the floor that no implementation
-of the method can beat. Last line: `overhead_ratio X flop_ratio Y` (X = UNet step time ratio).
+of the method can beat. Last line: `overhead_ratio X flop_ratio Y` (X = denoiser step time ratio).
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from miva.adapter import attach  # noqa: E402
-from miva.backends import Base, animatediff  # noqa: E402
+from miva.backends import Base, animatediff, wan  # noqa: E402
 from miva.config import MivaConfig  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
 
 
+WAN = {"wan-full": (30, (5, 60, 104)), "wan-mid": (4, (5, 30, 52))}  # layers, latents of 17x480x832 / 17x240x416
+
+
 def configs(name: str) -> tuple[dict, dict, dict, tuple[int, int, int]]:
-    """(unet, motion adapter, vae) configs and the latent (frames, h, w) of a benchmark config."""
+    """(unet, motion adapter, vae) configs and the latent (frames, h, w) of a UNet benchmark config."""
     unet = json.loads((animatediff.CONFIGS / "sd15_unet.json").read_text())
     adapter = json.loads((animatediff.CONFIGS / "animatediff_motion_adapter_v1_5_3.json").read_text())
     vae = json.loads((animatediff.CONFIGS / "sd15_vae.json").read_text())
@@ -47,23 +52,47 @@ def configs(name: str) -> tuple[dict, dict, dict, tuple[int, int, int]]:
     return unet, adapter, vae, (16, 16, 24)  # 16 x 128 x 192 pixels
 
 
+def miva_config(name: str) -> MivaConfig:
+    return MivaConfig.for_base(wan.BASE_ID if name in WAN else name)
+
+
 def build(name: str, device: str, dtype: torch.dtype, miva: bool):
-    unet_cfg, adapter_cfg, _, (f, h, w) = configs(name)
-    unet = animatediff.build_unet(unet_cfg, adapter_cfg, device=device)  # random init where it runs
+    """(denoiser, sample, prompt embeds) with random weights; Wan configs keep the 1.3B's block widths
+    (wan-mid: fewer of its identical blocks, so the per-block ratio is the full model's at that size)."""
+    if name in WAN:
+        layers, (f, h, w) = WAN[name]
+        config = json.loads((wan.CONFIGS / "wan2.1_t2v_1.3b_transformer.json").read_text())
+        unet = wan.build_transformer({**config, "num_layers": layers}, device=device)
+        sample = torch.randn(1, 16, f, h, w, device=device, dtype=dtype)
+        embeds = torch.randn(1, wan.PROMPT_TOKENS, config["text_dim"], device=device, dtype=dtype)
+    else:
+        unet_cfg, adapter_cfg, _, (f, h, w) = configs(name)
+        unet = animatediff.build_unet(unet_cfg, adapter_cfg, device=device)  # random init where it runs
+        sample = torch.randn(1, 4, f, h, w, device=device, dtype=dtype)
+        embeds = torch.randn(f, 77, unet_cfg["cross_attention_dim"], device=device, dtype=dtype)
     unet.requires_grad_(False).eval()
     if device != "meta":
         with animatediff.quiet_diffusers():
             unet.to(dtype=dtype)
     if miva:
-        torch.manual_seed(0)
-        manager = attach(unet, MivaConfig(base=name))
-        if device != "meta":  # trained-like weights: non-zero outputs, so nothing is skipped
-            with torch.no_grad():
-                for p in manager.parameters("default").values():
-                    p.normal_(0, 0.02)
-    sample = torch.randn(1, 4, f, h, w, device=device, dtype=dtype)
-    embeds = torch.randn(f, 77, unet_cfg["cross_attention_dim"], device=device, dtype=dtype)
+        add_miva(unet, name)
     return unet, sample, embeds
+
+
+def add_miva(unet, name: str) -> None:
+    """Attach one MIVA with trained-like (non-zero) weights, so nothing is skipped."""
+    torch.manual_seed(0)
+    manager = attach(unet, miva_config(name))
+    if unet.device.type != "meta":
+        with torch.no_grad():
+            for p in manager.parameters("default").values():
+                p.normal_(0, 0.02)
+
+
+def step(unet, sample, embeds):
+    """One denoiser call at t = 500."""
+    t = torch.tensor([500.0], device=sample.device)
+    return unet(sample, t, encoder_hidden_states=embeds)
 
 
 def count_flops(name: str) -> tuple[int, int]:
@@ -71,7 +100,7 @@ def count_flops(name: str) -> tuple[int, int]:
     for miva in (False, True):
         unet, sample, embeds = build(name, "meta", torch.float32, miva)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            unet(sample, 500, encoder_hidden_states=embeds)
+            step(unet, sample, embeds)
         totals.append(counter.get_total_flops())
     return totals[0], totals[1]
 
@@ -89,7 +118,7 @@ def time_steps(models, device, repeats, warmup=2) -> list[float]:
             for i, (unet, sample, embeds) in enumerate(models):
                 sync(device)
                 start = time.perf_counter()
-                unet(sample, 500, encoder_hidden_states=embeds)
+                step(unet, sample, embeds)
                 sync(device)
                 if r >= warmup:
                     times[i].append(time.perf_counter() - start)
@@ -97,25 +126,36 @@ def time_steps(models, device, repeats, warmup=2) -> list[float]:
 
 
 def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
-    """Median seconds of a whole image-to-video call (VAE encode, `steps` DDIM steps, decode)."""
-    _, _, vae_cfg, (f, h, w) = configs(name)
-    from diffusers import AutoencoderKL
-
-    with animatediff.quiet_diffusers():
-        vae = AutoencoderKL.from_config(vae_cfg).to(device=device, dtype=dtype).eval()
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    image = torch.rand(3, h * factor, w * factor)
+    """Median seconds of a whole image-to-video call (VAE encode, `steps` sampler steps, decode)."""
     pipes = []
-    for unet, _, embeds in models:
-        base = Base(id=name, unet=unet, vae=vae, scheduler=animatediff.tiny_scheduler(),
-                    null_prompt_embeds=embeds[:1], height=h * factor, width=w * factor, frames=f)
-        pipes.append(MivaPipeline(base))
+    if name in WAN:
+        from diffusers import AutoencoderKLWan
+
+        _, (f, h, w) = WAN[name]
+        vae = AutoencoderKLWan().to(device=device).eval()  # Wan2.1's VAE config; fp32 as in Wan's pipeline
+        factor = vae.config.scale_factor_spatial
+        for unet, _, embeds in models:
+            pipes.append(MivaPipeline(wan.WanBase(id=wan.BASE_ID, unet=unet, vae=vae, scheduler=wan.scheduler(),
+                                                  null_prompt_embeds=embeds, height=h * factor, width=w * factor,
+                                                  frames=(f - 1) * 4 + 1)))
+    else:
+        _, _, vae_cfg, (f, h, w) = configs(name)
+        from diffusers import AutoencoderKL
+
+        with animatediff.quiet_diffusers():
+            vae = AutoencoderKL.from_config(vae_cfg).to(device=device, dtype=dtype).eval()
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        for unet, _, embeds in models:
+            pipes.append(MivaPipeline(Base(id=name, unet=unet, vae=vae, scheduler=animatediff.tiny_scheduler(),
+                                           null_prompt_embeds=embeds[:1], height=h * factor, width=w * factor,
+                                           frames=f)))
+    image = torch.rand(3, h * factor, w * factor)
     times = [[] for _ in pipes]
     for _ in range(repeats):
         for i, pipe in enumerate(pipes):
             sync(device)
             start = time.perf_counter()
-            pipe(image, adapters=None, num_inference_steps=steps, seed=0)
+            pipe(image, adapters=None, num_inference_steps=steps, seed=0)  # the base: no adapter attached
             sync(device)
             times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
@@ -129,7 +169,7 @@ def peak_memory(name, device, dtype, miva) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            unet(sample, 500, encoder_hidden_states=embeds)
+            step(unet, sample, embeds)
         peak = torch.cuda.max_memory_allocated()
         del unet
         torch.cuda.empty_cache()
@@ -138,14 +178,14 @@ def peak_memory(name, device, dtype, miva) -> int:
             f"import overhead as o; u, s, e = o.build({name!r}, 'cpu', torch.float32, {miva}); gc.collect();"
             "kb = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
             "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS');"  # reset the peak (VmHWM)
-            "torch.no_grad().__enter__(); u(s, 500, encoder_hidden_states=e); print(kb('VmHWM') - before)")
+            "torch.no_grad().__enter__(); o.step(u, s, e); print(kb('VmHWM') - before)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1]) * 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=["mid", "full"], default="mid")
+    parser.add_argument("--config", choices=["mid", "full", *WAN], default="mid")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sampling-steps", type=int, default=10)
@@ -159,28 +199,25 @@ def main() -> None:
     base_flops, miva_flops = count_flops(args.config)
     flop_ratio = miva_flops / base_flops
     if args.flops_only:
-        print(f"config {args.config}: UNet step FLOPs base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
+        print(f"config {args.config}: denoiser step FLOPs base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
         print(f"flop_ratio {flop_ratio:.3f}")
         return
     base = build(args.config, device, dtype, miva=False)
     miva = (copy.deepcopy(base[0]), base[1], base[2])
-    torch.manual_seed(0)
-    manager = attach(miva[0], MivaConfig(base=args.config))
-    with torch.no_grad():
-        for p in manager.parameters("default").values():
-            p.normal_(0, 0.02)
+    add_miva(miva[0], args.config)
     f, h, w = base[1].shape[2:]
     machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"config {args.config}: latents {f}x{h}x{w}, {dtype}, {machine}")
-    print(f"UNet step FLOPs: base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
+    print(f"denoiser step FLOPs: base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
 
     step_base, step_miva = time_steps([base, miva], device, args.repeats)
-    print(f"UNet step time: base {step_base * 1e3:.1f} ms, +MIVA {step_miva * 1e3:.1f} ms "
+    print(f"denoiser step time: base {step_base * 1e3:.1f} ms, +MIVA {step_miva * 1e3:.1f} ms "
           f"(median of {args.repeats}, interleaved)")
-    sample_base, sample_miva = time_sampling(args.config, [base, miva], device, dtype, args.sampling_steps,
-                                             args.sampling_repeats)
-    print(f"sampling ({args.sampling_steps} DDIM steps + VAE): base {sample_base:.2f} s, +MIVA {sample_miva:.2f} s, "
-          f"end-to-end ratio {sample_miva / sample_base:.3f}")
+    if args.sampling_steps:
+        sample_base, sample_miva = time_sampling(args.config, [base, miva], device, dtype, args.sampling_steps,
+                                                 args.sampling_repeats)
+        print(f"sampling ({args.sampling_steps} steps + VAE): base {sample_base:.2f} s, +MIVA {sample_miva:.2f} s, "
+              f"end-to-end ratio {sample_miva / sample_base:.3f}")
     del base, miva
     mem_base, mem_miva = (peak_memory(args.config, device, dtype, m) for m in (False, True))
     kind = "CUDA allocator peak, weights included" if device.startswith("cuda") else "peak RSS rise during one step"

@@ -1,8 +1,9 @@
-"""Attach, detach, mix, save and load MIVAs on a diffusers `UNetMotionModel`.
+"""Attach, detach, mix, save and load MIVAs on a diffusers `UNetMotionModel` or `WanTransformer3DModel`.
 
-`attach(unet, config, name)` installs the MIVA processors on the spatial attentions and PEFT LoRA
-on the temporal attentions; `detach(unet)` restores the stock processors, layers and flags
-exactly. Several adapters can be attached at once and mixed with per-adapter weights (eq. S4).
+`attach(unet, config, name)` installs the MIVA processors on the spatial attentions (Wan: on every
+block's self- and cross-attention) and PEFT LoRA on the temporal attentions (UNet only: Wan's
+attention is already 3-D); `detach(unet)` restores the stock processors, layers and flags exactly.
+Several adapters can be attached at once and mixed with per-adapter weights (eq. S4).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,12 +21,36 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, MivaConfig
-from .processors import CrossFrameAttnProcessor, ImplicitPromptProcessor, MivaContext
+from .processors import (CrossFrameAttnProcessor, ImplicitPromptProcessor, MivaContext, WanCrossFrameAttnProcessor,
+                         WanImplicitPromptProcessor)
 
 MAX_WEIGHT = 2.0  # adapter weights live in [0, MAX_WEIGHT]; 1 is the adapter as trained
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-# Spatial transformer blocks: `...attentions.N.transformer_blocks.M.attn1|attn2` (not motion modules).
-_SPATIAL = re.compile(r"^(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)attentions\.\d+\.transformer_blocks\.\d+\.(attn[12])$")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where MIVA enters one kind of denoiser."""
+
+    attentions: re.Pattern  # names of the attentions that get processors; group "kind": attn1 (CFA) or attn2
+    processors: tuple[type, type]  # (CFA processor, implicit-prompt processor)
+    temb: str  # the module whose output is the timestep embedding c_t, (b, d_t)
+    frame_axis_stride: str  # config key of the temporal patch size ("" = 1)
+    temporal_lora: bool  # has temporal attentions for the temporal LoRA
+
+
+# UNetMotionModel's spatial transformer blocks: `...attentions.N.transformer_blocks.M.attn1|attn2`
+# (motion modules' temporal attentions are also called attn1/attn2 and are excluded).
+_UNET = _Layout(
+    re.compile(r"^(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)attentions\.\d+\.transformer_blocks\.\d+\.(?P<kind>attn[12])$"),
+    (CrossFrameAttnProcessor, ImplicitPromptProcessor), "time_embedding", "", True)
+# WanTransformer3DModel: every block's 3-D self-attention (attn1) and text cross-attention (attn2).
+_WAN = _Layout(re.compile(r"^blocks\.\d+\.(?P<kind>attn[12])$"), (WanCrossFrameAttnProcessor, WanImplicitPromptProcessor),
+               "condition_embedder.time_embedder", "patch_size", False)
+
+
+def _layout(model) -> _Layout:
+    return _WAN if type(model).__name__ == "WanTransformer3DModel" else _UNET
 PARTS = ("cross_frame_attention", "implicit_prompt", "temporal_lora")
 
 
@@ -64,27 +90,32 @@ class MivaAdapters:
         self._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
         self._had_peft_config = hasattr(unet, "peft_config")
         self._stock: dict[str, object] = {}
+        self.layout = _layout(unet)
         self._processors: dict[str, CrossFrameAttnProcessor | ImplicitPromptProcessor] = {}
         for name, module in unet.named_modules():
-            match = _SPATIAL.match(name)
+            match = self.layout.attentions.match(name)
             if match is None:
                 continue
             self._stock[name] = module.processor
-            kind = CrossFrameAttnProcessor if match.group(2) == "attn1" else ImplicitPromptProcessor
+            kind = self.layout.processors[0 if match.group("kind") == "attn1" else 1]
             self._processors[name] = kind(module, module.processor, self.context)
         if not self._processors:
-            raise ValueError("this UNet has no spatial transformer blocks; MIVA needs a UNetMotionModel-style base.")
+            raise ValueError("this model has no spatial transformer blocks; MIVA needs a UNetMotionModel or "
+                             "WanTransformer3DModel base.")
         for name, processor in self._processors.items():
             unet.get_submodule(name).set_processor(processor)
+        self._temb = unet.get_submodule(self.layout.temb)
         self._hooks = [
             unet.register_forward_pre_hook(self._record_frames, with_kwargs=True),
-            unet.time_embedding.register_forward_hook(self._record_temb),
+            self._temb.register_forward_hook(self._record_temb),
         ]
 
     # -- per-call state -------------------------------------------------------------------------
     def _record_frames(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.context.num_frames = sample.shape[2]  # UNetMotionModel takes (b, c, f, h, w)
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        stride = self.layout.frame_axis_stride
+        # Both take (b, c, f, h, w); Wan's patches may span several latent frames.
+        self.context.num_frames = sample.shape[2] // (self.unet.config[stride][0] if stride else 1)
 
     def _record_temb(self, module, args, output):
         self.context.temb = output  # (b, d_t): c_t per clip, before diffusers repeats it per frame
@@ -142,7 +173,10 @@ class MivaAdapters:
             raise ValueError(f"an adapter named '{name}' is already attached; detach it or pick another name.")
         if config.base != self.base:
             raise ValueError(f"this adapter was made for base '{config.base}' but the loaded base is '{self.base}'.")
-        temb_dim = self.unet.time_embedding.linear_2.out_features
+        if config.temporal_lora_rank and not self.layout.temporal_lora:
+            raise ValueError(f"base '{self.base}' has no temporal attention modules for a temporal LoRA (its attention "
+                             f"is 3-D); use temporal_lora_rank=0, as MivaConfig.for_base('{self.base}') does.")
+        temb_dim = self._temb.linear_2.out_features
         for module_name, processor in self._processors.items():
             attn = self.unet.get_submodule(module_name)
             if isinstance(processor, CrossFrameAttnProcessor):

@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 
-BASE_CHOICES = ("toy", "animatediff-v3", "tiny")
+from .backends import BASES as BASE_CHOICES
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -29,11 +29,16 @@ def cmd_params(args) -> int:
 
     unet = meta_unet(args.base)  # full size, meta device: shapes only
     base_count = sum(p.numel() for p in unet.parameters())
-    counts = attach(unet, MivaConfig(base=args.base)).parameter_report("default")
-    print(f"MIVA parameters on {args.base} (UNet {base_count:,} parameters, meta device)")
+    manager = attach(unet, MivaConfig.for_base(args.base))
+    counts = manager.parameter_report("default")
+    weighting = sum(p.numel() for k, p in manager.parameters("default").items() if ".weighting." in k)
+    denoiser = type(unet).__name__
+    print(f"MIVA parameters on {args.base} ({denoiser} {base_count:,} parameters, meta device)")
     for part, title in PART_NAMES.items():
         print(f"  {title:<38} {counts[part]:>12,}")
-    print(f"  {'share of the UNet':<38} {counts['total'] / base_count:>12.2%}")
+        if part == "cross_frame_attention":
+            print(f"    {'of which the weighting φ(c_t)':<36} {weighting:>12,}")
+    print(f"  {'share of the base ' + denoiser:<38} {counts['total'] / base_count:>12.2%}")
     print(f"total {counts['total']}")
     return 0
 

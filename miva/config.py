@@ -19,6 +19,13 @@ FORMAT_VERSION = 1
 # Projections of the motion modules' temporal attentions that get LoRA (paper §3.3.3).
 TEMPORAL_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
+# Where a base's MIVA differs from the AnimateDiff reading (the dataclass defaults). Wan2.1 (paper §4):
+# rank-128 CFA projections, a 128-wide implicit prompt, no temporal LoRA (its attention is 3-D).
+BASE_DEFAULTS = {
+    "wan2.1-1.3b": dict(cfa_rank=128, implicit_prompt_rank=128, temporal_lora_rank=0),
+    "tiny-wan": dict(cfa_rank=8, implicit_prompt_rank=8, temporal_lora_rank=0),
+}
+
 
 @dataclass
 class MivaConfig:
@@ -56,6 +63,11 @@ class MivaConfig:
             raise ValueError(f"cfa_rank must be a positive rank or None (full), not {self.cfa_rank}.")
         if not self.cfa_temperature > 0:
             raise ValueError(f"cfa_temperature must be positive, not {self.cfa_temperature}.")
+
+    @classmethod
+    def for_base(cls, base: str, **overrides) -> "MivaConfig":
+        """The paper's configuration for `base` (see BASE_DEFAULTS), with `overrides`."""
+        return cls(base=base, **{**BASE_DEFAULTS.get(base, {}), **overrides})
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from . import masks as masks_lib
 from . import schedules
 from .adapter import adapters_of, check_weight, detach, load_adapter
 from .backends import Base, load_base
+from .data import clips_to_tensor
 from .media import fit_image, image_to_tensor, load_image, save_video
 
 ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"
@@ -84,14 +85,12 @@ class MivaPipeline:
     # -- sampling -------------------------------------------------------------------------------
     def _check(self, num_frames, num_inference_steps, guidance_scale, height, width, shared_noise_ratio, dct_cutoff,
                dct_timestep) -> None:
-        max_frames = getattr(self.base.unet.config, "motion_max_seq_length", None) or 32
-        if not isinstance(num_frames, int) or not 2 <= num_frames <= max_frames:
-            raise ValueError(f"num_frames is {num_frames}; ask for 2 to {max_frames} frames (the base's limit).")
+        self.base.check_frames(num_frames)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps is {num_inference_steps}; use at least 1 step (25-50 is typical).")
         if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and 0 <= guidance_scale <= 20):
             raise ValueError(f"guidance_scale is {guidance_scale}; use a number from 0 to 20 (1 = the paper's setting).")
-        multiple = self.base.vae_scale_factor * 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+        multiple = self.base.size_multiple
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"the video size {width}x{height} must be a positive multiple of {multiple} on this base.")
         if not (math.isfinite(shared_noise_ratio) and 0 <= shared_noise_ratio <= 1):
@@ -108,29 +107,33 @@ class MivaPipeline:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.base.vae
-        latent = vae.encode(pixels.to(self.base.device, vae.dtype)).latent_dist.mode()
-        return latent * vae.config.scaling_factor  # (1, c, h, w)
+        """(b, 3, H, W) in [-1, 1] -> (b, c, h, w) latents of single frames (a first frame)."""
+        return self.base.encode_image(pixels)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
-        """(1, c, f, h, w) latents -> (f, H, W, 3) uint8, decoding a few frames at a time."""
-        vae = self.base.vae
-        frames = latents[0].transpose(0, 1) / vae.config.scaling_factor  # (f, c, h, w)
-        pixels = torch.cat([vae.decode(frames[i : i + chunk].to(vae.dtype)).sample for i in range(0, len(frames), chunk)])
+    def encode_clips(self, clips: list[np.ndarray]) -> torch.Tensor:
+        """(F, H, W, 3) uint8 clips -> (n, c, f, h, w) latents, one clip at a time."""
+        return torch.cat([self.base.encode_video(clips_to_tensor([clip])) for clip in clips])
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(1, c, f, h, w) latents -> (F, H, W, 3) uint8."""
+        pixels = self.base.decode_video(latents)
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
     def initial_latents(self, first, num_frames, scheduler, generator, shared_noise_ratio, dct_init, dct_cutoff,
                         dct_timestep) -> torch.Tensor:
-        """x_T by Algorithm 1: shared noise, then DCTInit from the first frame (each switchable)."""
+        """x_T by Algorithm 1: shared noise, then DCTInit from the first frame (each switchable).
+
+        `num_frames` counts latent frames."""
         _, c, h, w = first.shape
         noise = schedules.shared_noise((1, c, num_frames, h, w), ratio=shared_noise_ratio, generator=generator,
                                        device=generator.device, dtype=torch.float32).to(first.device)
         if not dct_init:
-            return (noise * scheduler.init_noise_sigma).to(first.dtype)
-        alpha_bar = float(scheduler.alphas_cumprod[dct_timestep])
-        return schedules.dct_init(first.float(), noise, alpha_bar, cutoff=dct_cutoff).to(first.dtype)
+            return (noise * getattr(scheduler, "init_noise_sigma", 1.0)).to(first.dtype)
+        levels = tuple(float(x) for x in self.base.noise_levels(dct_timestep))
+        return schedules.dct_init(first.float(), noise, cutoff=dct_cutoff, levels=levels).to(first.dtype)
 
     def predict(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float) -> torch.Tensor:
         """The scheduler's prediction (ε, v or x0) with the adapters mixed by eq. S4.
@@ -138,14 +141,13 @@ class MivaPipeline:
         guidance_scale g is motion guidance: p_base + g (p_miva - p_base), p_base being the base with
         every adapter off; g = 1 (the paper's setting) needs one UNet pass per step.
         """
-        unet, manager = self.base.unet, adapters_of(self.base.unet)
-        embeds = self.base.null_prompt_embeds.expand(latents.shape[2], -1, -1)  # (b f, tokens, d)
-        latents = self.base.model_input(latents, first)
+        base, manager = self.base, adapters_of(self.base.unet)
+        latents = base.model_input(latents, first)
 
         def run(weights):
             if manager is not None:
                 manager.set_weights(weights)
-            return self.base.model_output(unet(latents, timestep, encoder_hidden_states=embeds).sample, first)
+            return base.model_output(base.denoise(latents, timestep, base.null_prompt_embeds), first)
 
         prediction = run(adapters)
         if guidance_scale != 1 and adapters:
@@ -200,17 +202,17 @@ class MivaPipeline:
         first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
         scheduler.set_timesteps(num_inference_steps, device=base.device)
-        latents = self.initial_latents(first, num_frames, scheduler, generator, shared_noise_ratio, dct_init,
+        latents = self.initial_latents(first, base.latent_frames(num_frames), scheduler, generator, shared_noise_ratio, dct_init,
                                        dct_cutoff, dct_timestep).to(base.device)
         manager = adapters_of(base.unet)
         if regions is not None:
             grid = latents.shape[-2:]
-            manager.set_regions({name: masks_lib.to_latent_grid((regions == j).float(), *grid)[None].to(latents)
+            manager.set_regions({name: masks_lib.to_latent_grid(base.latent_regions((regions == j).float()), *grid)[None].to(latents)
                                  for name, j in self._region_index(adapters, masks).items()})
         try:
             for i, t in enumerate(scheduler.timesteps):
                 latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
-                model_input = scheduler.scale_model_input(latents, t)
+                model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
                 prediction = self.predict(model_input, first, t, adapters, guidance_scale)
                 latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
                 if callback is not None:

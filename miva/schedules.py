@@ -90,28 +90,34 @@ def shared_noise(
 def dct_init(
     first_latent: torch.Tensor,
     noise: torch.Tensor,
-    alpha_bar_t: float,
+    alpha_bar_t: float | None = None,
     cutoff: float = 0.23,
     shared_first_noise: torch.Tensor | None = None,
+    levels: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Cinemo's DCTInit as in Algorithm 1 of the MIVA paper.
 
     first_latent: clean first-frame latent x^I (B, C, H, W); noise: shared noise eps~ (B, C, F, H, W);
     alpha_bar_t: cumulative alpha at the initial timestep (t=975); shared_first_noise: eps^1
-    (B, C, H, W), defaults to noise[:, :, 0]. Returns z (B, C, F, H, W) with frame 0 = x^I.
+    (B, C, H, W), defaults to noise[:, :, 0]. `levels` = (signal, noise) scales of x_t for schedules
+    other than DDPM's (flow matching: (1 - sigma, sigma)); alpha_bar_t gives (sqrt(a), sqrt(1 - a)).
+    Returns z (B, C, F, H, W) with frame 0 = x^I.
     Since L is constant along time the temporal DCT cancels (this equals a per-frame 2-D filter);
     the 3-D form is kept to follow the paper.
     """
     if first_latent.dim() != 4 or noise.dim() != 5 or noise.shape[:2] + noise.shape[3:] != first_latent.shape:
         raise ValueError(f"expected x^I (B, C, H, W) and noise (B, C, F, H, W), got "
                          f"{tuple(first_latent.shape)} and {tuple(noise.shape)}.")
-    if not 0.0 <= alpha_bar_t <= 1.0:
-        raise ValueError(f"alpha_bar_t must be in [0, 1], got {alpha_bar_t}.")
+    if levels is None:
+        if alpha_bar_t is None or not 0.0 <= alpha_bar_t <= 1.0:
+            raise ValueError(f"alpha_bar_t must be in [0, 1], got {alpha_bar_t}.")
+        levels = (math.sqrt(alpha_bar_t), math.sqrt(1.0 - alpha_bar_t))
+    signal, noise_level = levels
     f, h, w = noise.shape[2:]
     x_i = first_latent.to(noise.dtype)
     eps1 = noise[:, :, 0] if shared_first_noise is None else shared_first_noise.to(noise.dtype)
     static = repeat(x_i, "b c h w -> b c f h w", f=f)
-    x_t = math.sqrt(alpha_bar_t) * static + math.sqrt(1.0 - alpha_bar_t) * repeat(eps1, "b c h w -> b c f h w", f=f)
+    x_t = signal * static + noise_level * repeat(eps1, "b c h w -> b c f h w", f=f)
     mask = spatial_lowpass_mask(f, h, w, cutoff, device=noise.device).to(noise.dtype)  # (f, h, w)
     mixed = dct3d(x_t) * mask + dct3d(noise) * (1 - mask)  # (b, c, f, h, w)
     z = idct3d(mixed)

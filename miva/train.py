@@ -40,28 +40,22 @@ def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator
                    timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss on (b, c, f, h, w) clean latents; frame 0 stays clean and is not in the loss.
 
-    The target follows the scheduler's prediction type (ε, v or the clean sample); `min_snr` applies
+    The target follows the base's schedule (ε, v or the clean sample; the flow for flow matching); `min_snr` applies
     Min-SNR-γ loss weighting (Hang et al. 2023); None (the paper's setting) is plain MSE.
     """
-    scheduler = base.scheduler
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+        timesteps = base.sample_timesteps(b, generator)
     timesteps = timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = base.add_noise(latents, noise, timesteps)
     first = latents[:, :, 0]
     noisy[:, :, 0] = first  # the clean first frame, as at sampling time
-    embeds = base.null_prompt_embeds.expand(b * latents.shape[2], -1, -1)
-    pred = base.model_output(base.unet(base.model_input(noisy, first), timesteps, encoder_hidden_states=embeds).sample, first)
-    kind = scheduler.config.prediction_type
-    target = {"v_prediction": lambda: scheduler.get_velocity(latents, noise, timesteps),
-              "sample": lambda: latents, "epsilon": lambda: noise}[kind]()
+    pred = base.model_output(base.denoise(base.model_input(noisy, first), timesteps, base.null_prompt_embeds), first)
+    target = base.training_target(latents, noise, timesteps)
     per_clip = (pred[:, :, 1:] - target[:, :, 1:]).pow(2).mean(dim=(1, 2, 3, 4))  # (b,)
     if min_snr is not None:
-        alpha_bar = scheduler.alphas_cumprod.to(latents.device)[timesteps]
-        snr = alpha_bar / (1 - alpha_bar)
-        per_clip = per_clip * snr.clamp(max=min_snr) / {"v_prediction": snr + 1, "sample": 1, "epsilon": snr}[kind]
+        per_clip = per_clip * base.min_snr_weights(timesteps, min_snr).to(per_clip)
     return per_clip.mean()
 
 
@@ -263,7 +257,7 @@ def format_eta(seconds: float) -> str:
 
 
 # -- few-shot adapter training ---------------------------------------------------------------------
-DEFAULT_LR = {"animatediff-v3": 1e-5}  # the paper's Adam lr for the real base; others: FALLBACK_LR
+DEFAULT_LR = {"animatediff-v3": 1e-5, "wan2.1-1.3b": 1e-5}  # the paper's Adam lr for the real bases; others: FALLBACK_LR
 FALLBACK_LR = 1e-3
 
 
@@ -329,8 +323,8 @@ def train_adapter(
         raise ValueError(f"an adapter named '{name}' is loaded; unload it or train under another name.")
     lr = lr if lr is not None else DEFAULT_LR.get(base.id, FALLBACK_LR)
     frames = clips[0].shape[0]
-    latents = encode_clips(pipe.encode, colour_variants(clips, augment)).to(base.device)  # (n, c, F, h, w)
-    config = config or MivaConfig(base=base.id)
+    latents = pipe.encode_clips(colour_variants(clips, augment)).to(base.device)  # (n, c, f, h, w)
+    config = config or MivaConfig.for_base(base.id)
     config.motion = motion
     config.training = {"clips": len(clips), "frames": frames, "steps": steps, "lr": lr, "batch": batch,
                        "seed": seed, "augment": augment, "sources": list(sources or [])[:16]}

@@ -1,8 +1,13 @@
 """Base video models MIVA runs on. A backend builds a `Base`: the components a pipeline needs.
 
 Names: `toy` (the embedded toy base in assets/, offline), `animatediff-v3` (SD1.5 + AnimateDiff v3
-motion adapter from the Hub) and `tiny` (a tiny random model of the same classes, for tests and
-offline smoke runs; its videos are noise).
+motion adapter from the Hub), `wan2.1-1.3b` (Wan2.1-T2V-1.3B, a DiT with a causal video VAE) and
+`tiny` / `tiny-wan` (tiny random models of the same classes, for tests and offline smoke runs; their
+videos are noise).
+
+`Base` is written for UNet bases with an image VAE and a DDPM-family scheduler; a backend whose model
+differs overrides only where it differs (`miva.backends.wan.WanBase`): how frames map to latent
+frames, how clips are encoded and decoded, how the denoiser is called, and the noise schedule.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 
 @dataclass
@@ -17,7 +23,7 @@ class Base:
     """A loaded base video model. `id` is what adapters record and are checked against."""
 
     id: str
-    unet: torch.nn.Module  # UNetMotionModel, frozen
+    unet: torch.nn.Module  # the frozen denoiser: UNetMotionModel (or WanTransformer3DModel, see WanBase)
     vae: torch.nn.Module  # AutoencoderKL-like: encode(x).latent_dist, decode(z).sample
     scheduler: object  # a diffusers scheduler (DDIM by default)
     null_prompt_embeds: torch.Tensor  # (1, tokens, d): the empty prompt; MIVAs replace text (§3.3.2)
@@ -45,6 +51,76 @@ class Base:
         """The scheduler's prediction from the UNet's output (identity unless residual_to_first_frame)."""
         return prediction + first[:, :, None] if self.residual_to_first_frame else prediction
 
+    # -- frames and latents (image VAE: one latent frame per frame) -------------------------------
+    def latent_frames(self, frames: int) -> int:
+        return frames
+
+    def frame_limits(self) -> tuple[int, int]:
+        """The smallest and largest frame count the denoiser takes (its temporal position table)."""
+        return 2, getattr(self.unet.config, "motion_max_seq_length", None) or 32
+
+    def check_frames(self, frames) -> int:
+        low, high = self.frame_limits()
+        if not isinstance(frames, int) or not low <= frames <= high:
+            raise ValueError(f"num_frames is {frames}; ask for {low} to {high} frames (the base's limit).")
+        return frames
+
+    @property
+    def size_multiple(self) -> int:
+        """Frame sizes must be multiples of this (VAE downsampling x the UNet's downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) in [-1, 1] -> (b, c, h, w) scaled latents."""
+        latent = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        return latent * self.vae.config.scaling_factor
+
+    def encode_video(self, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """(n, 3, F, H, W) in [-1, 1] -> (n, c, latent_frames(F), h, w) scaled latents."""
+        frames = rearrange(pixels, "n c f h w -> (n f) c h w")
+        latents = torch.cat([self.encode_image(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
+        return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
+
+    def decode_video(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """(1, c, f, h, w) latents -> (F, 3, H, W) pixels in [-1, 1], a few frames at a time."""
+        frames = latents[0].transpose(0, 1) / self.vae.config.scaling_factor  # (f, c, h, w)
+        return torch.cat([self.vae.decode(frames[i : i + chunk].to(self.vae.dtype)).sample
+                          for i in range(0, len(frames), chunk)])
+
+    def latent_regions(self, regions: torch.Tensor) -> torch.Tensor:
+        """(F, H, W) per-frame region weights -> (latent_frames(F), H, W)."""
+        return regions
+
+    # -- the denoiser and its noise schedule (DDPM family) --------------------------------------
+    def denoise(self, model_input: torch.Tensor, timestep, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The denoiser's raw output for (b, c, f, h, w) input; UNetMotionModel wants prompts per frame."""
+        embeds = prompt_embeds.expand(model_input.shape[0] * model_input.shape[2], -1, -1)  # (b f, tokens, d)
+        return self.unet(model_input, timestep, encoder_hidden_states=embeds).sample
+
+    def noise_levels(self, timesteps: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signal, noise) scales of x_t = signal x_0 + noise eps at these timesteps."""
+        alpha_bar = self.scheduler.alphas_cumprod[torch.as_tensor(timesteps, device="cpu").long()]
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        kind = self.scheduler.config.prediction_type
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return {"sample": latents, "epsilon": noise}[kind]
+
+    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ weights (Hang et al. 2023) for the MSE of this schedule's training target."""
+        signal, noise = self.noise_levels(timesteps)
+        snr = (signal / noise) ** 2
+        kind = self.scheduler.config.prediction_type
+        return snr.clamp(max=gamma) / {"v_prediction": snr + 1, "sample": torch.ones_like(snr), "epsilon": snr}[kind]
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
@@ -54,17 +130,21 @@ class Base:
         return next(self.unet.parameters()).dtype
 
 
-BASES = ("toy", "animatediff-v3", "tiny")
+BASES = ("toy", "animatediff-v3", "wan2.1-1.3b", "tiny", "tiny-wan")
 
 
 def load_base(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> Base:
     """Build the named base on `device`."""
-    from . import animatediff
+    from . import animatediff, wan
 
     if name == "animatediff-v3":
         return animatediff.load(device=device, dtype=dtype, **kwargs)
+    if name == wan.BASE_ID:
+        return wan.load(device=device, dtype=dtype, **kwargs)
     if name == "tiny":
         return animatediff.tiny(device=device, dtype=dtype, **kwargs)
+    if name == wan.TINY_ID:
+        return wan.tiny(device=device, dtype=dtype, **kwargs)
     if name == "toy":
         from ..toy.base import load_toy
 
@@ -73,11 +153,15 @@ def load_base(name: str, device: str | torch.device = "cpu", dtype: torch.dtype 
 
 
 def meta_unet(name: str):
-    """The named base's full-size UNet on the meta device (shapes only: no memory, no download)."""
-    from . import animatediff
+    """The named base's full-size denoiser on the meta device (shapes only: no memory, no download)."""
+    from . import animatediff, wan
 
     if name == "animatediff-v3":
         return animatediff.meta_unet()
+    if name == wan.BASE_ID:
+        return wan.meta_transformer()
+    if name == wan.TINY_ID:
+        return wan.build_transformer(wan.tiny_configs()[0], device="meta")
     if name == "tiny":
         return animatediff.build_unet(*animatediff.tiny_configs()[:2], device="meta")
     if name == "toy":
