@@ -21,6 +21,10 @@ EXAMPLES = Path(__file__).resolve().parent / "assets"
 TABS = ("animate", "mix", "train")
 ON_ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 TRAIN_CHUNK = int(os.environ.get("MIVA_TRAIN_CHUNK", 150 if ON_ZERO_GPU else 0)) or None  # steps per GPU call
+# Per uploaded file (clip, first frame, brush layer). The server refuses a larger one while it streams
+# in (HTTP 413; gradio_client refuses before sending) and deletes what had arrived. 200 MB is minutes of
+# phone video, while a clip of one motion lasts seconds (miva.data.MAX_CLIP_SECONDS) and gives 16 frames.
+MAX_UPLOAD_MB = 200
 
 
 def on_gpu(duration):
@@ -55,6 +59,11 @@ def build_studio(backend: str, collection: str | None = None) -> Studio:
     studio = Studio(MivaPipeline.from_base(backend, device=device, dtype=dtype), collection=collection)
     studio.refresh_hub()
     return studio
+
+
+def serve(demo: gr.Blocks, **launch_kwargs):
+    """Queue and launch the app with its bounds; `main()` and the tests both start it here."""
+    return demo.queue(default_concurrency_limit=1).launch(max_file_size=f"{MAX_UPLOAD_MB}mb", **launch_kwargs)
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -211,8 +220,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Tab("Train", id="train"):
                 with gr.Row():
                     with gr.Column():
-                        files = gr.File(file_count="multiple", label="Clips of one motion (mp4, webm, gif)",
-                                        file_types=[".mp4", ".webm", ".mov", ".gif"])
+                        files = gr.File(file_count="multiple", file_types=[".mp4", ".webm", ".mov", ".gif"],
+                                        label=f"Clips of one motion (mp4, webm, mov, gif; up to {MAX_UPLOAD_MB} MB each)")
                         motion = gr.Textbox(label="Motion name", placeholder="e.g. move-left", max_length=64)
                         train_steps = gr.Slider(10, 2000, value=300, step=10, label="Steps")
                         with gr.Row():
@@ -280,8 +289,7 @@ def main() -> None:
     from miva.hub import collection_id
 
     demo = build_app(build_studio(args.backend, collection_id(args.collection)))
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   max_file_size="200mb")
+    serve(demo, server_name=args.host, server_port=args.port, share=args.share)
 
 
 if __name__ == "__main__":

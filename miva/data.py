@@ -22,6 +22,12 @@ from .media import fit_image, load_image
 from .toy.world import CAMERA_MOTIONS, camera_clips_from_still
 
 MAX_CLIP_BYTES = 512 * 2**20  # a single uploaded video larger than this is refused
+# A video longer than this is refused, though it would cost little: decoding is lazy and stops after
+# the frames we keep (16 by default, about half a second of phone video). A clip of one motion lasts
+# seconds; a 10-minute recording would train on its first half-second, almost surely not the motion
+# its owner meant, so it is refused with a sentence rather than quietly learned from. The length is
+# the container's, from its header (no frame is decoded); GIFs and frame folders are only read lazily.
+MAX_CLIP_SECONDS = 60
 MAX_CLIPS = 64  # few-shot means few: more clips than this is almost surely the wrong folder
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -83,6 +89,10 @@ def _video_frames(path: Path) -> Iterator[np.ndarray]:
     if failure is not None:
         raise failure
     try:
+        seconds = _duration(reader) if fmt == "FFMPEG" else None  # pillow's GIF "duration" is per frame
+        if seconds is not None and seconds > MAX_CLIP_SECONDS:
+            raise ClipError(f"clip '{path.name}' lasts {_minutes(seconds)}, longer than {MAX_CLIP_SECONDS} s; "
+                            "trim it to the few seconds that show the motion.")
         frames = iter(reader)  # iter_data: pulls frame i only when asked for it
         while True:
             try:
@@ -96,6 +106,20 @@ def _video_frames(path: Path) -> Iterator[np.ndarray]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             reader.close()
+
+
+def _duration(reader) -> float | None:
+    """A video's length in seconds from its container header (ffmpeg's metadata), None if unknown."""
+    try:
+        seconds = float(reader.get_meta_data().get("duration"))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return seconds if 0 < seconds < float("inf") else None
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def _undecodable(path: Path, reason: BaseException | str) -> ClipError:

@@ -15,7 +15,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import TABS, build_app, build_studio  # noqa: E402
+from app import TABS, build_app, build_studio, serve  # noqa: E402
 from miva import browser  # noqa: E402
 from miva.media import save_video  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
     if not args.no_gif:
         print(demo_gif(studio, ROOT / "assets" / "example.png", args.out / "demo.gif"))
     demo = build_app(studio)
-    demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    serve(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         for tab in TABS:
             print(browser.screenshot(f"{demo.local_url}?tab={tab}", args.out / f"screenshot-{tab}.png", height=1000))

@@ -1,6 +1,7 @@
 """The Space as a person (or a script) uses it: a launched app on loopback, driven by gradio_client."""
 
 import concurrent.futures
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from app import build_app  # noqa: E402
+from app import MAX_UPLOAD_MB, build_app, serve  # noqa: E402
 from miva.adapter import attach, detach, save_adapter  # noqa: E402
 from miva.config import MivaConfig  # noqa: E402
 from miva.media import save_video  # noqa: E402
@@ -34,8 +35,7 @@ def served(tmp_path_factory):
         detach(pipe.base.unet)
     studio = Studio(pipe, shipped=root / "shipped", workdir=root / "work")
     demo = build_app(studio)
-    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=None,
-                                                   prevent_thread_lock=True, quiet=True)
+    serve(demo, server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)  # main()'s bounds
     image = root / "first.png"
     Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(image)
     clips = []
@@ -182,6 +182,35 @@ def test_train_rejects_non_video_uploads(served):
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(Exception, match="no usable clips"):
         client.predict([handle_file(str(corrupt))], "nothing", 10, api_name="/train")
+
+
+def test_uploads_past_the_bound_are_refused(served, tmp_path):
+    import httpx
+    from gradio.utils import get_upload_folder
+
+    client, *_ = served
+    limit = MAX_UPLOAD_MB * 2**20
+    huge, over = tmp_path / "huge.mp4", tmp_path / "over.mp4"
+    for path, size in ((huge, 2 * 2**30), (over, limit + 1)):
+        with open(path, "wb") as f:
+            f.truncate(size)  # sparse: no disk is written
+    # gradio_client checks the app's bound before sending anything
+    with pytest.raises(ValueError, match=f"huge.mp4 exceeds the maximum file size of {limit} bytes"):
+        client.predict([handle_file(str(huge))], "huge", 10, api_name="/train")
+    # a browser or any other client meets the server's bound, and nothing of the upload is kept
+    with open(over, "rb") as f:
+        answer = httpx.post(client.upload_url, files=[("files", ("over.mp4", f))], timeout=60)
+    assert answer.status_code == 413 and f"maximum allowed size of {limit} bytes" in answer.text
+    kept = [p for p in Path(get_upload_folder()).rglob("*") if p.is_file() and p.stat().st_size > limit // 2]
+    assert kept == []
+    assert {a["name"] for a in client.predict(api_name="/list_adapters")} >= {"move-left", "zoom-in"}
+
+
+def test_a_ten_minute_clip_is_refused(served, tmp_path):
+    client, *_ = served
+    long = save_video(np.zeros((1200, 16, 16, 3), np.uint8), tmp_path / "long.mp4", fps=2)  # 600 s
+    with pytest.raises(Exception, match=r"'long.mp4' lasts 10 min 0 s, longer than 60 s; trim it"):
+        client.predict([handle_file(str(long))], "long", 10, api_name="/train")
 
 
 def test_concurrent_requests_do_not_cross_talk(served):

@@ -172,6 +172,23 @@ def test_decoding_is_lazy(tmp_path, monkeypatch):
     assert Endless.served == 11 and Endless.closed
 
 
+def test_a_ten_minute_clip_is_refused_by_its_header(tmp_path, toy, monkeypatch):
+    levels = np.arange(1200) * 10 % 250  # frame i is a flat grey of level 10 i (mod 250)
+    frames = np.broadcast_to(levels[:, None, None, None].astype(np.uint8), (1200, 16, 16, 3))
+    path = save_video(frames, tmp_path / "long.mp4", fps=2)  # 600 s in ~40 KB
+    with pytest.raises(ClipError, match=r"^clip 'long.mp4' lasts 10 min 0 s, longer than 60 s; trim it to the few"):
+        load_clip(path)
+    with pytest.warns(UserWarning, match="long.mp4"):  # among good clips it is skipped, the rest are kept
+        clipset = load_clips([save_video(toy, tmp_path / "good.gif"), path], frames=16)
+    assert clipset.names == ["good.gif"] and "lasts 10 min" in clipset.warnings[0]
+    # under a looser bound the same file gives its first frames, in order (the decoder stops there:
+    # test_decoding_is_lazy); GIFs, whose header has no length, are not refused for their frame delay
+    monkeypatch.setattr(data, "MAX_CLIP_SECONDS", 3600)
+    clip = load_clip(path, frames=16, size=(16, 16))
+    assert np.abs(clip.mean(axis=(1, 2, 3)) - levels[:16]).max() < 4
+    assert load_clip(save_video(toy, tmp_path / "slow.gif", fps=1 / 90), frames=16).shape == (16, 32, 32, 3)
+
+
 def test_camera_clips(tmp_path):
     stills = tmp_path / "stills"
     stills.mkdir()
