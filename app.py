@@ -134,13 +134,15 @@ def build_app(studio: Studio) -> gr.Blocks:
     def train_seconds(files, motion, steps, *_, **__):
         return studio.train_seconds(min(int(steps), TRAIN_CHUNK or int(steps))) + 60
 
-    def train(files, motion, steps, resume, progress):
+    def train(files, motion, steps, resume, progress, request):
         paths = [getattr(f, "name", f) for f in files or []]
 
         def report(step, total, loss, eta):
             progress(step / total, desc=f"step {step}/{total}, loss {loss:.4f}")
 
-        folder, status = run(studio.train, paths, motion, steps, resume, TRAIN_CHUNK, report)
+        # the run belongs to the page (or gradio_client) that started it: only its own Stop stops it
+        folder, status = run(studio.train, paths, motion, steps, resume, TRAIN_CHUNK, report,
+                             owner=getattr(request, "session_hash", None))
         plot = {"step": list(range(1, len(status["losses"]) + 1)), "loss": status["losses"]}
         note = " ".join(status["warnings"])
         message = (f"Trained '{status['name']}': it is in the catalogue now. {note}" if folder
@@ -241,18 +243,22 @@ def build_app(studio: Studio) -> gr.Blocks:
                 outputs = [status, plot, adapter, *rows[0::4], previews, pushable]
 
                 @on_gpu(train_seconds)
-                def train_start(files, motion, steps, progress=gr.Progress()):
-                    return train(files, motion, steps, False, progress)
+                def train_start(files, motion, steps, request: gr.Request, progress=gr.Progress()):
+                    return train(files, motion, steps, False, progress, request)
 
                 @on_gpu(train_seconds)
-                def train_resume(files, motion, steps, progress=gr.Progress()):
-                    return train(files, motion, steps, True, progress)
+                def train_resume(files, motion, steps, request: gr.Request, progress=gr.Progress()):
+                    return train(files, motion, steps, True, progress, request)
+
+                def stop_training(request: gr.Request):
+                    studio.request_stop(owner=getattr(request, "session_hash", None))
 
                 start.click(train_start, [files, motion, train_steps], outputs, api_name="train",
                             concurrency_id=GPU_JOB, concurrency_limit=1)
                 resume.click(train_resume, [files, motion, train_steps], outputs, api_name="resume_training",
                              concurrency_id=GPU_JOB, concurrency_limit=1)
-                stop.click(studio.request_stop, None, None, api_name="stop_training", queue=False)
+                # outside the queue: a Stop must not wait behind the run it stops
+                stop.click(stop_training, None, None, api_name="stop_training", queue=False)
                 push_go.click(push, [pushable, repo, token], pushed, api_name="push")
         with gr.Row(visible=False):  # API-only endpoints
             list_button, catalogue = gr.Button(), gr.JSON()

@@ -59,7 +59,7 @@ class Studio:
         self.trained = self.workdir / "adapters"
         self.trained.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()  # one model job at a time: the pipeline's adapter weights are shared
-        self.stop = threading.Event()  # set by the UI's Stop button; a training run checkpoints and returns
+        self._runs: list[tuple[str | None, threading.Event]] = []  # (owner, stop flag) of each training run
 
     # -- time on a GPU ----------------------------------------------------------------------------
     def gpu_seconds(self, frames: int = 16, steps: int = 25, adapters: int = 1, guidance: float = 1.0) -> int:
@@ -173,8 +173,13 @@ class Studio:
         alpha = (index > 0)[..., None] * 0.55
         return Image.fromarray((frame * (1 - alpha) + colours * alpha).astype(np.uint8))
 
-    def request_stop(self) -> None:
-        self.stop.set()
+    def request_stop(self, owner: str | None = None) -> bool:
+        """Ask the training runs of `owner` (the app passes the page's session; None: every run) to
+        checkpoint after their current step and return; False when none was under way."""
+        flags = [flag for who, flag in list(self._runs) if owner is None or who == owner]
+        for flag in flags:
+            flag.set()
+        return bool(flags)
 
     # -- jobs ------------------------------------------------------------------------------------
     def out_path(self, stem: str, suffix: str = ".mp4") -> Path:
@@ -213,8 +218,8 @@ class Studio:
 
     def train(self, clips: list, motion: str, steps: int = 300, resume: bool = False, chunk_steps: int | None = None,
               progress: Callable[[int, int, float, float], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> tuple[Path | None, dict]:
-        """Train a new adapter named `motion` from uploaded clips.
+              should_stop: Callable[[], bool] | None = None, owner: str | None = None) -> tuple[Path | None, dict]:
+        """Train a new adapter named `motion` from uploaded clips; `request_stop(owner)` stops it.
 
         With `chunk_steps`, at most that many steps run in this call and the run checkpoints, so a
         time-limited GPU finishes it over several calls (`resume=True`). Returns (adapter folder or
@@ -229,24 +234,31 @@ class Studio:
             raise ValueError(f"an adapter named '{name}' was already trained here; pick another motion name.")
         if (out / CHECKPOINT_DIR).is_dir() and not resume:
             raise ValueError(f"a run for '{name}' is unfinished; press Resume to continue it or pick another name.")
-        base = self.pipe.base
-        clipset = data.load_clips([Path(c) for c in clips or []], frames=base.frames, size=(base.height, base.width))
-        steps = int(steps)
-        losses = _checkpoint_losses(out) if resume else []
-        stop_at = min(steps, len(losses) + int(chunk_steps)) if chunk_steps else steps
+        # registered before the clips are decoded, so a Stop pressed from now on is never lost
+        run = (owner, threading.Event())
+        self._runs.append(run)
+        try:
+            base = self.pipe.base
+            clipset = data.load_clips([Path(c) for c in clips or []], frames=base.frames,
+                                      size=(base.height, base.width))
+            steps = int(steps)
+            losses = _checkpoint_losses(out) if resume else []
+            stop_at = min(steps, len(losses) + int(chunk_steps)) if chunk_steps else steps
 
-        def chunked_stop() -> bool:
-            return len(losses) >= stop_at or self.stop.is_set() or (should_stop is not None and should_stop())
+            def chunked_stop() -> bool:
+                return len(losses) >= stop_at or run[1].is_set() or (should_stop is not None and should_stop())
 
-        def count(step, total, loss, eta):
-            losses.append(loss)
-            if progress is not None:
-                progress(step, total, loss, eta)
+            def count(step, total, loss, eta):
+                losses.append(loss)
+                if progress is not None:
+                    progress(step, total, loss, eta)
 
-        with self.lock:
-            self.stop.clear()
-            folder = train_adapter(self.pipe, clipset.clips, out, motion, name=name, steps=steps, resume=resume,
-                                   callback=count, should_stop=chunked_stop, sources=clipset.names)
+            with self.lock:
+                folder = train_adapter(self.pipe, clipset.clips, out, motion, name=name, steps=steps,
+                                       resume=resume, callback=count, should_stop=chunked_stop,
+                                       sources=clipset.names)
+        finally:
+            self._runs.remove(run)
         return folder, {"name": name, "step": len(losses), "steps": steps, "warnings": clipset.warnings,
                         "losses": losses}
 

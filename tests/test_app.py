@@ -1,6 +1,8 @@
 """The Space as a person (or a script) uses it: a launched app on loopback, driven by gradio_client."""
 
 import concurrent.futures
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +184,41 @@ def test_train_rejects_non_video_uploads(served):
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(Exception, match="no usable clips"):
         client.predict([handle_file(str(corrupt))], "nothing", 10, api_name="/train")
+
+
+def wait_for_step(job, step: int, timeout: float = 30) -> int:
+    """Poll a submitted /train job until its progress reports `step` or more; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert not job.done(), f"the run ended before step {step}: {job.result()}"
+        for unit in job.status().progress_data or []:
+            seen = re.match(r"step (\d+)/", unit.desc or "")
+            if seen and int(seen[1]) >= step:
+                return int(seen[1])
+        time.sleep(0.05)
+    raise AssertionError(f"no progress to step {step} in {timeout} s")
+
+
+def test_stop_a_training_run_then_resume_it(served):
+    client, root, _, clips = served
+    uploads = [handle_file(str(c)) for c in clips]
+    job = client.submit(uploads, "sway", 10, api_name="/train")  # ~0.4 s a step on the tiny base
+    wait_for_step(job, 1)
+    Client(client.src, verbose=False).predict(api_name="/stop_training")  # another page's Stop: not this run
+    reached = wait_for_step(job, 3)
+    client.predict(api_name="/stop_training")  # answered at once: Stop does not queue behind the run
+    status, *_ = job.result(timeout=30)
+    stopped = re.fullmatch(r"Stopped at step (\d+) of 10; press Resume to continue\.", status)
+    assert stopped and reached <= int(stopped[1]) < 10, status
+    checkpoint = root / "work" / "adapters" / "sway" / "checkpoint"
+    assert (checkpoint / "state.json").is_file()
+    assert "sway" not in {a["name"] for a in client.predict(api_name="/list_adapters")}
+
+    status, plot, *_ = client.predict(uploads, "sway", 10, api_name="/resume_training")
+    assert status.startswith("Trained 'sway'"), status
+    # one loss a step: the checkpoint's, then only the steps after it (a fresh run would add 10 more)
+    assert [step for step, _ in plot["data"]] == list(range(1, 11))
+    assert not checkpoint.exists() and "sway" in {a["name"] for a in client.predict(api_name="/list_adapters")}
 
 
 def test_uploads_past_the_bound_are_refused(served, tmp_path):
