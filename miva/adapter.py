@@ -51,7 +51,6 @@ _WAN = _Layout(re.compile(r"^blocks\.\d+\.(?P<kind>attn[12])$"), (WanCrossFrameA
 
 def _layout(model) -> _Layout:
     return _WAN if type(model).__name__ == "WanTransformer3DModel" else _UNET
-PARTS = ("cross_frame_attention", "implicit_prompt", "temporal_lora")
 
 
 def check_adapter_name(name: str) -> str:
@@ -173,6 +172,9 @@ class MivaAdapters:
             raise ValueError(f"an adapter named '{name}' is already attached; detach it or pick another name.")
         if config.base != self.base:
             raise ValueError(f"this adapter was made for base '{config.base}' but the loaded base is '{self.base}'.")
+        if config.masked and self.layout is _WAN:
+            raise ValueError(f"M-MIVA (masked) adapters are not available on base '{self.base}' yet; "
+                             "train a plain MIVA (masked=False) for it.")
         if config.temporal_lora_rank and not self.layout.temporal_lora:
             raise ValueError(f"base '{self.base}' has no temporal attention modules for a temporal LoRA (its attention "
                              f"is 3-D); use temporal_lora_rank=0, as MivaConfig.for_base('{self.base}') does.")
@@ -181,7 +183,7 @@ class MivaAdapters:
             attn = self.unet.get_submodule(module_name)
             if isinstance(processor, CrossFrameAttnProcessor):
                 if config.cross_frame_attention:
-                    processor.add_adapter(name, attn, temb_dim, config.cfa_rank, config.cfa_temperature)
+                    processor.add_adapter(name, attn, temb_dim, config.cfa_rank, config.cfa_temperature, config.masked)
             elif config.implicit_prompt_rank:
                 processor.add_adapter(name, attn, config.implicit_prompt_rank)
         if config.temporal_lora_rank:
@@ -241,7 +243,7 @@ class MivaAdapters:
     # -- parameters ------------------------------------------------------------------------------
     def parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
         """This adapter's parameters under canonical names (the adapter name removed)."""
-        markers = (f".adapters.{name}.", f".lora_A.{name}.", f".lora_B.{name}.")
+        markers = (f".adapters.{name}.", f".mask_adapters.{name}.", f".lora_A.{name}.", f".lora_B.{name}.")
         found = {}
         for pname, param in self.unet.named_parameters():
             for marker in markers:
@@ -250,14 +252,11 @@ class MivaAdapters:
         return found
 
     def parameter_report(self, name: str) -> dict[str, int]:
-        counts = dict.fromkeys(PARTS, 0)
+        from .card import PART_NAMES, part_of
+
+        counts = dict.fromkeys(PART_NAMES, 0)
         for key, param in self.parameters(name).items():
-            if ".lora_" in key:
-                counts["temporal_lora"] += param.numel()
-            elif ".attn1.processor." in key:
-                counts["cross_frame_attention"] += param.numel()
-            else:
-                counts["implicit_prompt"] += param.numel()
+            counts[part_of(key)] += param.numel()
         counts["total"] = sum(counts.values())
         return counts
 

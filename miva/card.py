@@ -9,12 +9,25 @@ from .config import MivaConfig
 # Hub ids of the components behind each base id, for the card's `base_model` field.
 BASE_MODELS = {
     "animatediff-v3": ["stable-diffusion-v1-5/stable-diffusion-v1-5", "guoyww/animatediff-motion-adapter-v1-5-3"],
+    "wan2.1-1.3b": ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"],
 }
 PART_NAMES = {
     "cross_frame_attention": "Cross-frame attention (CFA, §3.3.1)",
     "implicit_prompt": "Implicit prompt (§3.3.2)",
     "temporal_lora": "Temporal LoRA (§3.3.3)",
+    "mask_stream": "M-MIVA mask stream (§3.4)",
 }
+
+
+def part_of(key: str) -> str:
+    """The part of a MIVA a tensor belongs to, from its canonical name (adapter name removed)."""
+    if ".lora_" in key:
+        return "temporal_lora"
+    if ".mask_adapters." in key:
+        return "mask_stream"
+    if ".attn1.processor." in key:
+        return "cross_frame_attention"
+    return "implicit_prompt"
 
 
 def model_card(name: str, config: MivaConfig, counts: dict[str, int], preview: bool = False) -> str:

@@ -24,17 +24,21 @@ def parse_adapter_spec(spec: str) -> tuple[str, float]:
 def cmd_params(args) -> int:
     from .adapter import attach
     from .backends import meta_unet
-    from .card import PART_NAMES
+    from .card import PART_NAMES, part_of
     from .config import MivaConfig
 
     unet = meta_unet(args.base)  # full size, meta device: shapes only
     base_count = sum(p.numel() for p in unet.parameters())
-    manager = attach(unet, MivaConfig.for_base(args.base))
+    manager = attach(unet, MivaConfig.for_base(args.base, masked=args.masked))
     counts = manager.parameter_report("default")
-    weighting = sum(p.numel() for k, p in manager.parameters("default").items() if ".weighting." in k)
+    weighting = sum(p.numel() for k, p in manager.parameters("default").items()
+                    if ".weighting." in k and part_of(k) == "cross_frame_attention")
     denoiser = type(unet).__name__
-    print(f"MIVA parameters on {args.base} ({denoiser} {base_count:,} parameters, meta device)")
+    kind = "M-MIVA" if args.masked else "MIVA"
+    print(f"{kind} parameters on {args.base} ({denoiser} {base_count:,} parameters, meta device)")
     for part, title in PART_NAMES.items():
+        if part == "mask_stream" and not args.masked:
+            continue
         print(f"  {title:<38} {counts[part]:>12,}")
         if part == "cross_frame_attention":
             print(f"    {'of which the weighting φ(c_t)':<36} {weighting:>12,}")
@@ -140,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     params = sub.add_parser("params", help="print the exact MIVA parameter counts of a base (no download)")
     params.add_argument("--base", default="animatediff-v3", choices=BASE_CHOICES)
+    params.add_argument("--masked", action="store_true", help="an M-MIVA: add its mask stream (§3.4)")
     params.set_defaults(run=cmd_params)
 
     animate = sub.add_parser("animate", help="animate a first frame with one or more adapters")

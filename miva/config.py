@@ -39,6 +39,8 @@ class MivaConfig:
     implicit_prompt_rank: width of the implicit-prompt MLP replacing text cross-attention (§3.3.2);
         0 disables it.
     temporal_lora_rank: LoRA rank on the temporal attentions (§3.3.3); 0 disables it.
+    masked: an M-MIVA (§3.4): it also generates its subject's mask sequence in a parallel mask stream
+        (its own CFA layers) and biases the video's attention with it; needs a first-frame mask.
     """
 
     base: str
@@ -49,6 +51,7 @@ class MivaConfig:
     implicit_prompt_rank: int = 64
     temporal_lora_rank: int = 32
     temporal_lora_targets: tuple[str, ...] = TEMPORAL_LORA_TARGETS
+    masked: bool = False
     format_version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)  # how it was trained: steps, lr, clips (for the card)
 
@@ -61,6 +64,8 @@ class MivaConfig:
                 raise ValueError(f"{name} must be 0 (off) or a positive rank, not {getattr(self, name)}.")
         if self.cfa_rank is not None and self.cfa_rank < 1:
             raise ValueError(f"cfa_rank must be a positive rank or None (full), not {self.cfa_rank}.")
+        if self.masked and not self.cross_frame_attention:
+            raise ValueError("an M-MIVA (masked=True) needs cross_frame_attention: its mask stream is made of CFA layers.")
         if not self.cfa_temperature > 0:
             raise ValueError(f"cfa_temperature must be positive, not {self.cfa_temperature}.")
 

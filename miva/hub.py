@@ -316,19 +316,14 @@ def _weights_header(path: Path) -> dict[str, list[int]]:
 
 def _parameter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
     """Parameter counts per part, by the tensor names `MivaAdapters.parameter_report` uses."""
-    from .card import PART_NAMES
+    from .card import PART_NAMES, part_of
 
     counts = dict.fromkeys(PART_NAMES, 0)
     for key, shape in shapes.items():
         numel = 1
         for size in shape:
             numel *= size
-        if ".lora_" in key:
-            counts["temporal_lora"] += numel
-        elif ".attn1.processor." in key:
-            counts["cross_frame_attention"] += numel
-        else:
-            counts["implicit_prompt"] += numel
+        counts[part_of(key)] += numel
     counts["total"] = sum(counts.values())
     return counts
 

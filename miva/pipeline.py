@@ -26,6 +26,8 @@ class MivaOutput:
     fps: int = 8
     latents: torch.Tensor | None = None  # (1, c, F, h, w) final latents, before decoding
     regions: torch.Tensor | None = None  # (F, H, W) unified mask of a masked mix (eq. S5): 0 = background
+    subject_masks: dict[str, torch.Tensor] | None = None  # M-MIVA -> (F, H, W) its last predicted mask sequence
+    mask_passes: int = 0  # denoising steps that ran the M-MIVA mask streams (the rest reused the cache)
 
     def save(self, path: str | Path) -> Path:
         return save_video(self.frames, path, fps=self.fps)
@@ -49,6 +51,32 @@ def resolve_adapter(spec: str | Path, search: tuple[Path, ...] = (ADAPTERS_DIR,)
             return candidate
     known = sorted(p.name for folder in search if folder.is_dir() for p in folder.iterdir() if p.is_dir())
     raise FileNotFoundError(f"adapter '{spec}' was not found; known adapters: {', '.join(known) or 'none'}.")
+
+
+@dataclass
+class MaskStreams:
+    """The mask clips of the M-MIVAs in one call (§3.4) and their mask-step cache (B.1.3).
+
+    Mask latents are denoised only at the steps in `steps`; between two of them they are moved by one
+    deterministic DDIM jump (x_0 and ε from the one-step prediction, re-noised to the next mask step),
+    and the subject masks S^(j) that bias the video's attention are reused from the last prediction.
+    """
+
+    names: list[str]
+    latents: torch.Tensor  # (n, c, f, h, w) noisy mask latents at the next mask step
+    firsts: torch.Tensor  # (n, c, h, w) clean first-frame mask latents (kept at every step)
+    subjects: torch.Tensor  # (n, f, h, w) S^(j) at the latent grid: a prior, then the last prediction
+    first_pixels: torch.Tensor  # (n, H, W) the given first-frame masks
+    steps: list[int]  # sampling steps that run the mask streams
+    tolerance: float | None = None  # stop once the predicted masks change less than this (mean |ΔS|)
+    pixels: torch.Tensor | None = None  # (n, F, H, W) the last predicted masks at the output size
+    passes: int = 0
+
+    def due(self, step: int) -> bool:
+        return step in self.steps
+
+    def context_subjects(self) -> dict[str, torch.Tensor]:
+        return {name: self.subjects[k : k + 1] for k, name in enumerate(self.names)}
 
 
 class MivaPipeline:
@@ -135,25 +163,96 @@ class MivaPipeline:
         levels = tuple(float(x) for x in self.base.noise_levels(dct_timestep))
         return schedules.dct_init(first.float(), noise, cutoff=dct_cutoff, levels=levels).to(first.dtype)
 
-    def predict(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float) -> torch.Tensor:
+    def predict(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float,
+                streams: MaskStreams | None = None):
         """The scheduler's prediction (ε, v or x0) with the adapters mixed by eq. S4.
 
         guidance_scale g is motion guidance: p_base + g (p_miva - p_base), p_base being the base with
-        every adapter off; g = 1 (the paper's setting) needs one UNet pass per step.
+        every adapter off; g = 1 (the paper's setting) needs one UNet pass per step. With `streams`,
+        the M-MIVAs' mask clips run in the same pass (one batch: video, then each mask clip) and
+        (video prediction, mask predictions) is returned.
         """
         base, manager = self.base, adapters_of(self.base.unet)
-        latents = base.model_input(latents, first)
+        inputs, firsts = [base.model_input(latents, first)], [first]
+        if streams is not None:
+            for k in range(len(streams.names)):
+                inputs.append(base.model_input(streams.latents[k : k + 1], streams.firsts[k : k + 1]))
+                firsts.append(streams.firsts[k : k + 1])
+        b = latents.shape[0]
 
-        def run(weights):
+        def run(weights, joint=False):
             if manager is not None:
                 manager.set_weights(weights)
-            return base.model_output(base.denoise(latents, timestep, base.null_prompt_embeds), first)
+                manager.context.streams = (None, *streams.names) if joint else (None,)
+            x = torch.cat(inputs) if joint else inputs[0]
+            out = base.denoise(x, timestep, base.null_prompt_embeds).split(b)
+            return [base.model_output(o, f) for o, f in zip(out, firsts)]
 
-        prediction = run(adapters)
-        if guidance_scale != 1 and adapters:
-            base_prediction = run({})
-            prediction = base_prediction + guidance_scale * (prediction - base_prediction)
-        return prediction
+        try:
+            outputs = run(adapters, joint=streams is not None)
+            prediction = outputs[0]
+            if guidance_scale != 1 and adapters:
+                base_prediction = run({})[0]
+                prediction = base_prediction + guidance_scale * (prediction - base_prediction)
+        finally:
+            if manager is not None:
+                manager.context.streams = (None,)
+        return prediction if streams is None else (prediction, torch.cat(outputs[1:]))
+
+    def mask_streams(self, masked: list[str], masks: dict, first_latent: torch.Tensor, num_frames: int, height: int,
+                     width: int, scheduler, generator, num_inference_steps: int, mask_steps, mask_tolerance,
+                     init: dict) -> MaskStreams:
+        """The M-MIVAs' mask clips: first-frame subject masks from `masks`, the rest initialised like the
+        video (shared noise, DCTInit: "an identical procedure", B.3)."""
+        missing = [name for name in masked if name not in masks]
+        if missing:
+            raise ValueError(f"M-MIVA '{missing[0]}' needs a mask of its subject on the first frame; "
+                             f"give masks={{'{missing[0]}': image}} (a drawn region or a text phrase in the app).")
+        grid = first_latent.shape[-2:]
+        first_masks = torch.stack([masks_lib.fit_mask(masks[name], num_frames, height, width, name)[0] for name in masked])
+        firsts = self.encode((first_masks[:, None] * 2 - 1).expand(-1, 3, -1, -1))  # (n, c, h, w)
+        latents = torch.cat([self.initial_latents(firsts[k : k + 1], num_frames, scheduler, generator, **init)
+                             for k in range(len(masked))]).to(firsts)
+        prior = masks_lib.to_latent_grid(first_masks, *grid)[:, None].expand(-1, num_frames, -1, -1)
+        if mask_steps is None:
+            mask_steps = masks_lib.mask_steps(num_inference_steps)
+        elif mask_steps == "all":
+            mask_steps = range(num_inference_steps)
+        steps = sorted({int(i) for i in mask_steps if 0 <= int(i) < num_inference_steps})
+        if not steps:
+            raise ValueError(f"mask_steps {list(mask_steps)} has no step in 0..{num_inference_steps - 1}; "
+                             "give at least step 0.")
+        return MaskStreams(list(masked), latents, firsts, prior.to(first_latent).clone(), first_masks, steps,
+                           mask_tolerance)
+
+    def update_masks(self, streams: MaskStreams, prediction: torch.Tensor, timesteps, step: int) -> None:
+        """One-step prediction of the masks (§3.4.2): x_0 of each mask clip decoded through the VAE becomes
+        S^(j); the mask latents jump to the next mask step (or stop there when none is left)."""
+        base, t = self.base, timesteps[step]
+        sample = streams.latents
+        x0 = base.predicted_sample(prediction, sample, t)
+        x0[:, :, 0] = streams.firsts
+        pixels = torch.stack([self.decode_unit(x0[k : k + 1]) for k in range(len(streams.names))])  # (n, F, H, W)
+        pixels[:, 0] = streams.first_pixels.to(pixels)
+        change = None if streams.pixels is None else float((pixels - streams.pixels).abs().mean())
+        streams.pixels = pixels
+        subjects = masks_lib.to_latent_grid(pixels, *sample.shape[-2:]).to(streams.subjects)
+        subjects[:, 0] = streams.subjects[:, 0]  # frame 0 stays the given mask
+        streams.subjects = subjects
+        streams.passes += 1
+        later = [i for i in streams.steps if i > step]
+        if streams.tolerance is not None and change is not None and change < streams.tolerance:
+            later = []  # the masks have settled: reuse them for the rest of the sampling
+        streams.steps = [i for i in streams.steps if i <= step] + later
+        if later:
+            signal, noise = (x.to(sample) for x in base.noise_levels(t))
+            eps = (sample - signal * x0) / noise
+            streams.latents = base.add_noise(x0, eps, timesteps[later[0]].reshape(1).to(sample.device))
+
+    @torch.no_grad()
+    def decode_unit(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, c, f, h, w) latents of a mask clip -> (F, H, W) in [0, 1] (channel mean of the decoded frames)."""
+        return ((self.base.decode_video(latents).float().mean(dim=1) + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def __call__(
@@ -175,12 +274,18 @@ class MivaPipeline:
         fps: int = 8,
         callback: Callable[[int, int], None] | None = None,
         masks: dict[str, object] | None = None,
+        mask_steps: list[int] | str | None = None,
+        mask_tolerance: float | None = None,
     ) -> MivaOutput:
         """Animate `image` with `adapters` ({name: weight}, weights in [0, 2]; None = all at 1).
 
         `masks` confines adapters to regions: {name: one mask or one per frame}, fitted like the
         first frame (see `miva.masks`). Overlaps go to the adapter listed later; in a mix with
-        masked adapters, an unmasked adapter acts on the background (paper B.2.1).
+        masked adapters, an unmasked adapter acts on the background (paper B.2.1). For an M-MIVA the
+        mask is its subject on the first frame: it generates the subject's mask sequence itself and
+        biases the video's attention with it (§3.4), regenerating it only at `mask_steps` (default:
+        the paper's {0, 5, ..., 35} of 50, scaled; "all" = every step) and not at all once it changes
+        less than `mask_tolerance` between two of them.
         """
         base = self.base
         num_frames = base.frames if num_frames is None else num_frames
@@ -198,32 +303,48 @@ class MivaPipeline:
                 int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             )
 
-        regions = self.unified_regions(adapters, masks or {}, num_frames, height, width)
+        masks = masks or {}
+        masked = [name for name, w in adapters.items() if w != 0 and attached[name].masked]
+        regions = self.unified_regions(adapters, masks, num_frames, height, width)
         first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
         scheduler.set_timesteps(num_inference_steps, device=base.device)
-        latents = self.initial_latents(first, base.latent_frames(num_frames), scheduler, generator, shared_noise_ratio, dct_init,
-                                       dct_cutoff, dct_timestep).to(base.device)
+        init = dict(shared_noise_ratio=shared_noise_ratio, dct_init=dct_init, dct_cutoff=dct_cutoff,
+                    dct_timestep=dct_timestep)
+        latents = self.initial_latents(first, base.latent_frames(num_frames), scheduler, generator, **init).to(base.device)
+        streams = (self.mask_streams(masked, masks, first, num_frames, height, width, scheduler, generator,
+                                     num_inference_steps, mask_steps, mask_tolerance, init) if masked else None)
         manager = adapters_of(base.unet)
-        if regions is not None:
+        if regions is not None:  # plain MIVAs act in their regions; an M-MIVA's mask is its first-frame subject
             grid = latents.shape[-2:]
             manager.set_regions({name: masks_lib.to_latent_grid(base.latent_regions((regions == j).float()), *grid)[None].to(latents)
-                                 for name, j in self._region_index(adapters, masks).items()})
+                                 for name, j in self._region_index(adapters, masks).items() if name not in masked})
         try:
+            if streams is not None:
+                manager.context.set_subjects(streams.context_subjects())
             for i, t in enumerate(scheduler.timesteps):
                 latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
                 model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-                prediction = self.predict(model_input, first, t, adapters, guidance_scale)
+                if streams is not None and streams.due(i):
+                    streams.latents[:, :, 0] = streams.firsts
+                    prediction, mask_prediction = self.predict(model_input, first, t, adapters, guidance_scale, streams)
+                    self.update_masks(streams, mask_prediction, scheduler.timesteps, i)
+                    manager.context.set_subjects(streams.context_subjects())  # guides the following steps
+                else:
+                    prediction = self.predict(model_input, first, t, adapters, guidance_scale)
                 latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
                 if callback is not None:
                     callback(i + 1, len(scheduler.timesteps))
         finally:
             if manager is not None:
                 manager.set_regions({})
+                manager.context.set_subjects({})
         latents[:, :, 0] = first
         if adain:
             latents = schedules.adain(latents)  # once, after the last step (B.3.2)
-        return MivaOutput(frames=self.decode(latents), fps=fps, latents=latents, regions=regions)
+        subject_masks = None if streams is None else dict(zip(streams.names, streams.pixels))
+        return MivaOutput(frames=self.decode(latents), fps=fps, latents=latents, regions=regions,
+                          subject_masks=subject_masks, mask_passes=0 if streams is None else streams.passes)
 
     @staticmethod
     def _region_index(adapters: dict[str, float], masks: dict) -> dict[str, int]:

@@ -34,6 +34,10 @@ class MivaContext:
     num_frames: int | None = None  # frames per clip of the current forward pass
     temb: torch.Tensor | None = None  # (b, d_t) timestep embedding c_t of the current pass
     regions: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter -> (b, F, H, W) where it acts
+    # M-MIVA (§3.4): the batch is [video; mask clip of streams[1]; mask clip of streams[2]; ...] in a
+    # joint pass, and subjects[j] is M-MIVA j's subject confidence S^(j), (b, F, H, W) at the latent grid.
+    streams: tuple[str | None, ...] = (None,)
+    subjects: dict[str, torch.Tensor] = field(default_factory=dict)
     _at_tokens: dict = field(default_factory=dict, repr=False)  # (name, layout, tokens) -> resized weights
 
     def active(self, adapters: nn.ModuleDict) -> list[tuple[str, nn.Module, float]]:
@@ -43,22 +47,77 @@ class MivaContext:
         self.regions = dict(regions)
         self._at_tokens = {}
 
+    def set_subjects(self, subjects: dict[str, torch.Tensor], streams: tuple[str | None, ...] = (None,)) -> None:
+        self.subjects, self.streams = dict(subjects), tuple(streams)
+        self._at_tokens = {}
+
+    def _cached(self, key, make):
+        if key not in self._at_tokens:
+            self._at_tokens[key] = make()
+        return self._at_tokens[key]
+
     def region(self, name: str, tokens: int, temporal: bool = False) -> torch.Tensor | None:
         """Adapter `name`'s region weights for a layer's tokens, or None where it acts everywhere:
         (b F, n, 1) for a spatial attention of n tokens, (b h w, F, 1) for a motion module of n rows."""
         region = self.regions.get(name)
         if region is None:
             return None
-        key = (name, temporal, tokens)
-        if key not in self._at_tokens:
-            resize = masks.temporal_token_weights if temporal else masks.spatial_token_weights
-            self._at_tokens[key] = resize(region, tokens)
-        return self._at_tokens[key]
+        resize = masks.temporal_token_weights if temporal else masks.spatial_token_weights
+        return self._cached((name, temporal, tokens), lambda: resize(region, tokens))
 
     def weighted(self, name: str, weight: float, out: torch.Tensor, temporal: bool = False) -> torch.Tensor:
-        """An adapter's output scaled by its weight and, if it has one, its region."""
-        region = self.region(name, out.shape[0] if temporal else out.shape[1], temporal)
-        return weight * out if region is None else out * (weight * region).to(out.dtype)
+        """An adapter's output scaled by its weight and, if it has one, its region (the same region on
+        every stream of a joint M-MIVA pass)."""
+        rows = out.shape[0] // len(self.streams)
+        region = self.region(name, rows if temporal else out.shape[1], temporal)
+        if region is None:
+            return weight * out
+        return out * (weight * region).repeat(len(self.streams), 1, 1).to(out.dtype)
+
+    # -- M-MIVA attention biases (eq. 3, eq. S6) ------------------------------------------------
+    def _active_names(self) -> tuple[str, ...]:
+        return tuple(name for name, w in self.weights.items() if w != 0)
+
+    def _subjects_at(self, tokens: int) -> list[torch.Tensor | None]:
+        """Each active adapter's subject confidence at a layer's tokens, (b, F, n); None if unmasked."""
+        def make():
+            return [rearrange(masks.at_tokens(self.subjects[name], tokens), "b f h w -> b f (h w)")
+                    if name in self.subjects else None for name in self._active_names()]
+        return self._cached(("subjects", self._active_names(), tokens), make)
+
+    def _unified_at(self, tokens: int) -> torch.Tensor:
+        return self._cached(("unified", self._active_names(), tokens), lambda: masks.unify_masks(self._subjects_at(tokens)))
+
+    def self_bias(self, tokens: int) -> torch.Tensor | None:
+        """The video stream's spatial self-attention bias, (b F, 1, n, n): eq. 3 for one M-MIVA alone,
+        eq. S6 on the unified mask S* when several adapters share the frame; None without M-MIVAs."""
+        if not self.subjects:
+            return None
+
+        def make():
+            per_adapter = self._subjects_at(tokens)
+            if len(per_adapter) == 1:
+                bias = masks.mask_bias(per_adapter[0], per_adapter[0])
+            else:
+                unified = self._unified_at(tokens)
+                bias = masks.unified_bias(unified, unified)
+            return rearrange(bias, "b f n m -> (b f) 1 n m")
+        return self._cached(("self_bias", self._active_names(), tokens), make)
+
+    def cross_bias(self, name: str, tokens: int, num_frames: int) -> torch.Tensor | None:
+        """Adapter `name`'s CFA bias over frame 1 and frame i-1, (b F, 1, n, 2n): eq. 3 on its own
+        subject mask; an unmasked adapter mixed with M-MIVAs uses the background 1(S* = 0) (B.2.1)."""
+        if not self.subjects:
+            return None
+
+        def make():
+            if name in self.subjects:
+                subject = self._subjects_at(tokens)[self._active_names().index(name)]
+            else:
+                subject = (self._unified_at(tokens) == 0).float()
+            keys = _reference_frames(rearrange(subject, "b f n -> (b f) 1 n 1"), num_frames)[:, :, 0, :, 0]
+            return rearrange(masks.mask_bias(subject, keys), "b f n m -> (b f) 1 n m")
+        return self._cached(("cross_bias", self._active_names(), name, tokens), make)
 
 
 class LowRankLinear(nn.Module):
@@ -158,12 +217,16 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return rearrange(x, "b n (h d) -> b h n d", h=heads)
 
 
-def _attend(attn, query, key, value, attention_mask=None) -> torch.Tensor:
-    """The stock attention from projected (b, h, n, d) heads to the output projection (b, n, c)."""
+def _attend(attn, query, key, value, attention_mask=None, bias=None) -> torch.Tensor:
+    """The stock attention from projected (b, h, n, d) heads to the output projection (b, n, c);
+    `bias` (b, 1, n, m) is added to the attention logits (M-MIVA's mask bias)."""
     mask = None
     if attention_mask is not None:  # as AttnProcessor2_0 prepares it
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], query.shape[0])
         mask = mask.view(query.shape[0], attn.heads, -1, mask.shape[-1])
+    if bias is not None:
+        bias = bias.to(query.dtype)
+        mask = bias if mask is None else mask + bias
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
     return attn.to_out[1](attn.to_out[0](rearrange(out, "b h n d -> b n (h d)")))
 
@@ -183,7 +246,12 @@ def _reference_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 class CrossFrameAttnProcessor(nn.Module):
-    """Spatial self-attention plus the CFA of every active adapter (eq. 2 and eq. S4)."""
+    """Spatial self-attention plus the CFA of every active adapter (eq. 2 and eq. S4).
+
+    An M-MIVA also has a mask stream (§3.4): its own, independently parameterised CFA
+    (`mask_adapters[name]`, initialised identically to the video's) that runs on its mask clip in a
+    joint pass, while the video stream's self-attention and CFA are biased by the subject masks.
+    """
 
     def __init__(self, attn, stock, context: MivaContext):
         super().__init__()
@@ -191,37 +259,72 @@ class CrossFrameAttnProcessor(nn.Module):
         self.stock = stock  # the processor we replaced: used as-is when no adapter is active
         self.context = context
         self.adapters = nn.ModuleDict()
+        self.mask_adapters = nn.ModuleDict()
 
-    def add_adapter(self, name: str, attn, temb_dim: int, rank: int | None, temperature: float) -> None:
+    def add_adapter(self, name: str, attn, temb_dim: int, rank: int | None, temperature: float,
+                    masked: bool = False) -> None:
         out_dim = attn.to_out[0].out_features
         self.adapters[name] = CrossFrameAttention(attn.to_q, out_dim, temb_dim, rank, temperature)
+        if masked:
+            self.mask_adapters[name] = CrossFrameAttention(attn.to_q, out_dim, temb_dim, rank, temperature)
+            self.mask_adapters[name].load_state_dict(self.adapters[name].state_dict())  # identical pair
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        active = self.context.active(self.adapters)
+        context = self.context
+        active = context.active(self.adapters)
         if not active or encoder_hidden_states is not None or hidden_states.ndim != 3:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        num_frames, clip_temb = self.context.num_frames, self.context.temb
+        num_frames, clip_temb = context.num_frames, context.temb
         if num_frames is None or clip_temb is None:
             raise RuntimeError("MIVA context has no frame count or timestep embedding; call the UNet, not a block.")
 
         # The stock self-attention, computing K and V once for both it and the CFA.
-        query = attn.to_q(hidden_states)  # (bf, n, c)
-        key = _split_heads(attn.to_k(hidden_states), attn.heads)  # (bf, h, n, d)
+        query = attn.to_q(hidden_states)  # (S bf, n, c) for S streams
+        key = _split_heads(attn.to_k(hidden_states), attn.heads)  # (S bf, h, n, d)
         value = _split_heads(attn.to_v(hidden_states), attn.heads)
-        out = _attend(attn, _split_heads(query, attn.heads), key, value, attention_mask)
+        n, streams = key.shape[2], context.streams
+        rows = key.shape[0] // len(streams)
+        self_bias = context.self_bias(n)
+        if self_bias is None:
+            out = _attend(attn, _split_heads(query, attn.heads), key, value, attention_mask)
+        else:  # only the video stream's self-attention is biased by the subject masks (eq. 3 / S6)
+            split = [x.split(rows) for x in (_split_heads(query, attn.heads), key, value)]
+            out = torch.cat([_attend(attn, q, k, v, attention_mask, bias=self_bias if s == 0 else None)
+                             for s, (q, k, v) in enumerate(zip(*split))])
 
         # CFA (eq. 2): one softmax over the 2n tokens of frame 1 and frame i-1; values x (λ2, λ3).
-        n = key.shape[2]
         cfa_key = rearrange(_reference_frames(key, num_frames), "b f h n d -> (b f) h n d")
-        ref_value = _reference_frames(value, num_frames)  # (b, f, h, 2n, d)
-        for name, adapter, weight in active:
-            lam = adapter.frame_weights(clip_temb).to(value.dtype)  # (b, 2): λ2, λ3
-            scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]  # (b, 1, 1, 2n, 1)
-            cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
-            cfa_query = _split_heads(adapter.query(hidden_states, query), attn.heads)
-            cfa = F.scaled_dot_product_attention(cfa_query, cfa_key, cfa_value)
-            out = out + self.context.weighted(name, weight, adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)")))
-        return out
+        ref_value = _reference_frames(value, num_frames)  # (S b, f, h, 2n, d)
+        pieces = list(out.split(rows))
+        for s, stream in enumerate(streams):
+            part = slice(s * rows, (s + 1) * rows)
+            clips = slice(s * rows // num_frames, (s + 1) * rows // num_frames)
+            if stream is None:  # the video: every active adapter, biased by its subject mask
+                modules = active
+            elif stream in self.mask_adapters:  # an M-MIVA's mask clip: its mask-stream CFA only
+                modules = [(stream, self.mask_adapters[stream], context.weights.get(stream, 0.0))]
+            else:
+                modules = []
+            for name, adapter, weight in modules:
+                bias = context.cross_bias(name, n, num_frames) if stream is None else None
+                cfa = self._cfa(adapter, hidden_states[part], query[part], cfa_key[part], ref_value[clips],
+                                clip_temb[clips], attn.heads, n, bias)
+                pieces[s] = pieces[s] + (self._video_weighted(name, weight, cfa) if stream is None else weight * cfa)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _video_weighted(self, name, weight, cfa):
+        region = self.context.region(name, cfa.shape[1])
+        return weight * cfa if region is None else cfa * (weight * region).to(cfa.dtype)
+
+    @staticmethod
+    def _cfa(adapter, hidden_states, query, cfa_key, ref_value, clip_temb, heads, n, bias):
+        lam = adapter.frame_weights(clip_temb).to(ref_value.dtype)  # (b, 2): λ2, λ3
+        scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]  # (b, 1, 1, 2n, 1)
+        cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
+        cfa_query = _split_heads(adapter.query(hidden_states, query), heads)
+        cfa = F.scaled_dot_product_attention(cfa_query, cfa_key, cfa_value,
+                                             attn_mask=None if bias is None else bias.to(cfa_query.dtype))
+        return adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)"))
 
 
 class ImplicitPromptProcessor(nn.Module):

@@ -23,6 +23,8 @@ import torch
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
+from . import masks as masks_lib
+from . import schedules
 from .adapter import attach, check_adapter_name, detach, save_adapter
 from .backends import Base
 from .config import WEIGHTS_NAME, MivaConfig
@@ -37,11 +39,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator, min_snr: float | None = None,
-                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                   timesteps: torch.Tensor | None = None,
+                   before_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoising loss on (b, c, f, h, w) clean latents; frame 0 stays clean and is not in the loss.
 
     The target follows the base's schedule (ε, v or the clean sample; the flow for flow matching); `min_snr` applies
     Min-SNR-γ loss weighting (Hang et al. 2023); None (the paper's setting) is plain MSE.
+    `before_forward(noisy, timesteps, first)` runs after noising, before the denoiser (M-MIVA sets its masks there).
     """
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -51,6 +55,8 @@ def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator
     noisy = base.add_noise(latents, noise, timesteps)
     first = latents[:, :, 0]
     noisy[:, :, 0] = first  # the clean first frame, as at sampling time
+    if before_forward is not None:
+        before_forward(noisy, timesteps, first)
     pred = base.model_output(base.denoise(base.model_input(noisy, first), timesteps, base.null_prompt_embeds), first)
     target = base.training_target(latents, noise, timesteps)
     per_clip = (pred[:, :, 1:] - target[:, :, 1:]).pow(2).mean(dim=(1, 2, 3, 4))  # (b,)
@@ -282,6 +288,48 @@ def colour_variants(clips: list[np.ndarray], n: int) -> list[np.ndarray]:
     return [clip[..., list(order)] for clip in clips for order in COLOUR_ORDERS[:n]]
 
 
+class MaskTraining:
+    """How an M-MIVA trains (§3.4, B.1.2): each clip's mask clip joins the batch (video clips, then
+    their mask clips, at the same timestep), and the video's attention is biased by the subject
+    masks — the ground truth with probability p(step) = 0.5 (1 + cos(π step / steps)), else the
+    one-step prediction of the masks from the same noisy batch (decoded through the VAE)."""
+
+    def __init__(self, pipe, manager, name: str, masks: list[np.ndarray], steps: int):
+        self.pipe, self.manager, self.name, self.steps = pipe, manager, name, steps
+        pixels = [np.repeat((np.asarray(m, dtype=np.float32) * 255).round().astype(np.uint8)[..., None], 3, -1)
+                  for m in masks]
+        self.latents = pipe.encode_clips(pixels)  # (n, c, f, h, w)
+        grid = self.latents.shape[-2:]
+        self.truth = masks_lib.to_latent_grid(torch.from_numpy(np.stack(masks)).float(), *grid).to(self.latents)
+
+    def loss(self, latents: torch.Tensor, index: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
+        base, b = self.pipe.base, len(index)
+        truth = self.truth[index.to(self.truth.device)]
+        use_truth = float(torch.rand((), generator=generator)) < schedules.mask_dropout_probability(step, self.steps)
+        timesteps = base.sample_timesteps(b, generator).repeat(2)
+        context = self.manager.context
+
+        def set_masks(noisy, t, first):
+            subjects = truth
+            if not use_truth:  # the one-step prediction, as sampling will see it
+                prior = truth[:, :1].expand_as(truth)
+                context.set_subjects({self.name: prior}, streams=(None, self.name))
+                with torch.no_grad():
+                    out = base.model_output(base.denoise(base.model_input(noisy, first), t, base.null_prompt_embeds), first)
+                    x0 = base.predicted_sample(out[b:], noisy[b:], t[b:].reshape(-1, *[1] * (noisy.ndim - 1)))
+                    x0[:, :, 0] = first[b:]
+                    decoded = torch.stack([self.pipe.decode_unit(x0[k : k + 1]) for k in range(b)])
+                    subjects = masks_lib.to_latent_grid(decoded, *noisy.shape[-2:]).to(truth)
+                    subjects[:, 0] = truth[:, 0]
+            context.set_subjects({self.name: subjects}, streams=(None, self.name))
+
+        try:
+            both = torch.cat([latents, self.latents[index.to(self.latents.device)]])
+            return diffusion_loss(base, both, generator, timesteps=timesteps, before_forward=set_masks)
+        finally:
+            context.set_subjects({})
+
+
 def train_adapter(
     pipe,
     clips: list[np.ndarray],
@@ -302,11 +350,13 @@ def train_adapter(
     preview_steps: int = 25,
     sources: list[str] | None = None,
     augment: int = 1,
+    masks: list[np.ndarray] | None = None,
 ) -> Path | None:
     """Teach `pipe`'s base a motion from `clips`; write the adapter (card, preview GIF, loss curve) to `out`.
 
     `augment` > 1 trains on that many colour variants of each clip (`colour_variants`), so a motion
-    taught from a few clips is not tied to their colours.
+    taught from a few clips is not tied to their colours. `masks` (one (F, H, W) subject mask
+    sequence in [0, 1] per clip) trains an M-MIVA (§3.4) instead of a MIVA.
 
     Returns the adapter folder, or None when `should_stop` ended the run early (its checkpoint stays,
     so `resume=True` continues it).
@@ -324,7 +374,13 @@ def train_adapter(
     lr = lr if lr is not None else DEFAULT_LR.get(base.id, FALLBACK_LR)
     frames = clips[0].shape[0]
     latents = pipe.encode_clips(colour_variants(clips, augment)).to(base.device)  # (n, c, f, h, w)
-    config = config or MivaConfig.for_base(base.id)
+    if masks is not None:
+        if len(masks) != len(clips) or any(np.shape(m) != c.shape[:3] for m, c in zip(masks, clips)):
+            raise ValueError("an M-MIVA needs one mask sequence per clip, each (frames, height, width) like its clip; "
+                             f"got {len(masks)} for {len(clips)} clips.")
+    config = config or MivaConfig.for_base(base.id, masked=masks is not None)
+    if config.masked and masks is None:
+        raise ValueError("an M-MIVA (masked=True) trains from clips with subject masks; pass masks=, one per clip.")
     config.motion = motion
     config.training = {"clips": len(clips), "frames": frames, "steps": steps, "lr": lr, "batch": batch,
                        "seed": seed, "augment": augment, "sources": list(sources or [])[:16]}
@@ -340,9 +396,15 @@ def train_adapter(
         autocast = (torch.autocast(device_type=base.device.type, dtype=getattr(torch, mixed_precision))
                     if mixed_precision else contextlib.nullcontext())
 
+        mask_training = None
+        if config.masked:
+            mask_training = MaskTraining(pipe, manager, name, [m for m in masks for _ in range(augment)], steps)
+
         def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
             index = torch.randint(0, len(latents), (batch,), generator=generator)
             with autocast:
+                if mask_training is not None:
+                    return mask_training.loss(latents[index.to(latents.device)], index, generator, step)
                 return diffusion_loss(base, latents[index.to(latents.device)], generator)
 
         base.unet.train()
@@ -361,7 +423,8 @@ def train_adapter(
         out.mkdir(parents=True, exist_ok=True)
         plot_losses(state.losses, out / "loss.png", f"{motion}: training loss")
         first = clips[0][0]
-        preview = pipe(first, adapters={name: 1.0}, num_frames=frames, num_inference_steps=preview_steps, seed=seed)
+        preview = pipe(first, adapters={name: 1.0}, num_frames=frames, num_inference_steps=preview_steps, seed=seed,
+                       masks={name: masks[0][0]} if config.masked else None)
         preview.save(out / "preview.gif")
         save_adapter(base.unet, name, out)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

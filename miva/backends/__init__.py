@@ -102,6 +102,16 @@ class Base:
         alpha_bar = self.scheduler.alphas_cumprod[torch.as_tensor(timesteps, device="cpu").long()]
         return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
+    def predicted_sample(self, prediction: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The one-step estimate of x_0 from the scheduler's prediction at x_t (M-MIVA's mask proxy, §3.4.2)."""
+        signal, noise = (x.to(sample) for x in self.noise_levels(timestep))
+        kind = self.scheduler.config.prediction_type
+        if kind == "sample":
+            return prediction
+        if kind == "v_prediction":
+            return signal * sample - noise * prediction
+        return (sample - noise * prediction) / signal
+
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
 

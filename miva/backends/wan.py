@@ -108,6 +108,9 @@ class WanBase(Base):
         sigma = self._sigma(timesteps).cpu()
         return 1 - sigma, sigma
 
+    def predicted_sample(self, prediction: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
+        return sample - self._sigma(timestep).to(sample) * prediction
+
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Training timesteps drawn from the scheduler's (shifted) training schedule."""
         table = self.scheduler.timesteps

@@ -1,0 +1,119 @@
+"""M-MIVA (§3.4): the mask stream, its attention biases (eq. 3 / S6), one-step mask prediction,
+mask-step caching (B.1.3), mask-dropout training (B.1.2) and the exact extra parameter count."""
+
+import numpy as np
+import pytest
+import torch
+
+from miva import masks as masks_lib
+from miva.adapter import attach, load_adapter
+from miva.backends import load_base, meta_unet
+from miva.cli import main
+from miva.config import MivaConfig
+from miva.train import train_adapter
+
+from conftest import randomize
+
+STEPS = dict(num_frames=4, num_inference_steps=10, seed=0)
+
+
+@pytest.fixture
+def subject():
+    mask = np.zeros((32, 32), np.float32)
+    mask[8:24, 4:20] = 1
+    return mask
+
+
+def test_mask_stream_count_on_the_full_config(capsys):
+    """Independently parameterised CFA layers per self-attention (§3.4): exactly the CFA's count again."""
+    counts = attach(meta_unet("animatediff-v3"), MivaConfig(base="animatediff-v3", masked=True)).parameter_report("default")
+    assert counts["mask_stream"] == counts["cross_frame_attention"] == 24_834_272
+    assert counts["total"] == 35_444_960 + 24_834_272
+    assert main(["params", "--base", "animatediff-v3", "--masked"]) == 0
+    out = capsys.readouterr().out
+    assert "M-MIVA mask stream" in out and out.strip().splitlines()[-1] == "total 60279232"
+
+
+def test_the_frame_and_mask_cfa_pair_starts_identical(tiny_base):
+    manager = attach(tiny_base.unet, MivaConfig(base="tiny", masked=True), "m")
+    params = manager.parameters("m")
+    pairs = [(k, k.replace(".mask_adapters.", ".adapters.")) for k in params if ".mask_adapters." in k]
+    assert pairs and all(torch.equal(params[a], params[b]) for a, b in pairs)
+    assert all(params[a].data_ptr() != params[b].data_ptr() for a, b in pairs)  # independent parameters
+
+
+def test_an_m_miva_needs_its_subject_mask(pipe, first_frame):
+    attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m")
+    with pytest.raises(ValueError, match="M-MIVA 'm' needs a mask of its subject on the first frame"):
+        pipe(first_frame, adapters={"m": 1.0}, **STEPS)
+
+
+def test_mask_step_cache_and_tolerance(pipe, first_frame, subject):
+    manager = attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m")
+    randomize(manager.parameters("m"), scale=0.1)
+    every = pipe(first_frame, adapters={"m": 1.0}, masks={"m": subject}, mask_steps="all", **STEPS)
+    cached = pipe(first_frame, adapters={"m": 1.0}, masks={"m": subject}, **STEPS)
+    assert every.mask_passes == 10 and cached.mask_passes == len(masks_lib.mask_steps(10)) == 8
+    settled = pipe(first_frame, adapters={"m": 1.0}, masks={"m": subject}, mask_tolerance=1.0, **STEPS)
+    assert settled.mask_passes == 2  # the second prediction changed less than the tolerance
+    for out in (every, cached, settled):
+        masks = out.subject_masks["m"]
+        assert masks.shape == (4, 32, 32) and 0 <= masks.min() and masks.max() <= 1
+        assert torch.equal(masks[0], torch.from_numpy(subject))  # frame 0 is the given mask
+    with pytest.raises(ValueError, match="has no step in 0..9"):
+        pipe(first_frame, adapters={"m": 1.0}, masks={"m": subject}, mask_steps=[50], **STEPS)
+
+
+def test_the_video_attention_is_biased_by_the_subject_masks(tiny_base):
+    """Eq. 3 for one M-MIVA; eq. S6 on the unified mask when an unmasked MIVA joins, which then
+    attends within the background 1(S* = 0) (B.2.1)."""
+    manager = attach(tiny_base.unet, MivaConfig(base="tiny", masked=True), "m")
+    attach(tiny_base.unet, MivaConfig(base="tiny"), "plain")
+    subject = torch.zeros(1, 3, 4, 4)
+    subject[:, :, :2] = 1  # top half, all 3 frames
+    context = manager.context
+    context.set_subjects({"m": subject})
+    manager.set_weights({"m": 1.0})
+    flat = subject.flatten(2)  # (1, 3, 16)
+    assert torch.allclose(context.self_bias(16)[:, 0], masks_lib.mask_bias(flat, flat).flatten(0, 1))
+    manager.set_weights({"m": 1.0, "plain": 1.0})
+    bias = context.self_bias(16)
+    assert bias[0, 0, 0, 1] == pytest.approx(0, abs=1e-5) and bias[0, 0, 0, 15] == pytest.approx(np.log(masks_lib.EPS))  # top vs bottom
+    background = context.cross_bias("plain", 16, 3)  # (b F, 1, n, 2n): bottom tokens attend to the bottom
+    assert background.shape == (3, 1, 16, 32) and background[0, 0, 15, 15] == pytest.approx(0, abs=1e-5)
+    assert background[0, 0, 15, 0] == pytest.approx(np.log(masks_lib.EPS))
+
+
+def test_the_mask_streams_own_cfa_shapes_the_predicted_masks(pipe, first_frame, subject):
+    """Training only the mask-stream CFA (the video's stays untrained) changes the predicted masks."""
+    manager = attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m")
+    untrained = pipe(first_frame, adapters={"m": 1.0}, masks={"m": subject}, **STEPS)
+    params = manager.parameters("m")
+    randomize({k: v for k, v in params.items() if ".mask_adapters." in k}, scale=0.3)
+    trained_masks = pipe(first_frame, adapters={"m": 1.0}, masks={"m": subject}, **STEPS)
+    assert not torch.allclose(trained_masks.subject_masks["m"], untrained.subject_masks["m"])
+
+
+def test_mmiva_training_writes_an_adapter_that_samples(pipe, tmp_path, subject):
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    masks = [np.repeat(subject[None], 4, 0) for _ in clips]
+    folder = train_adapter(pipe, clips, tmp_path / "m", "spin", steps=4, checkpoint_every=2, preview_steps=2, lr=1e-3,
+                           masks=masks)
+    assert MivaConfig.load(folder).masked
+    assert "M-MIVA mask stream" in (folder / "README.md").read_text()
+    name = load_adapter(pipe.base.unet, folder, base="tiny")
+    out = pipe(first_frame_of(clips), adapters={name: 1.0}, masks={name: subject}, **STEPS)
+    assert out.mask_passes == 8
+    with pytest.raises(ValueError, match="one mask sequence per clip"):
+        train_adapter(pipe, clips, tmp_path / "x", "spin", steps=2, masks=masks[:1])
+
+
+def first_frame_of(clips):
+    return clips[0][0]
+
+
+def test_masked_adapters_are_refused_on_wan():
+    base = load_base("tiny-wan")
+    with pytest.raises(ValueError, match="M-MIVA .* not available on base 'tiny-wan'"):
+        attach(base.unet, MivaConfig.for_base("tiny-wan", masked=True))
