@@ -1,6 +1,6 @@
 """MIVA Studio: animate a still image with learned motions, mix them, teach new ones.
 
-    python app.py [--backend toy|animatediff-v3|tiny] [--collection OWNER/SLUG] [--port 7860] [--share]
+    python app.py [--backend toy|animatediff-v3|wan2.1-1.3b|tiny|tiny-wan] [--collection OWNER/SLUG] [--port 7860] [--share]
 
 Layout and wiring only; the work happens in `miva.studio.Studio`.
 """
@@ -49,13 +49,20 @@ def drawn_region(editor) -> np.ndarray | None:
     return np.maximum.reduce(alpha)
 
 
+def frames_slider(base) -> gr.Slider:
+    """Frame counts the base takes (Wan: 4k + 1)."""
+    low, high = base.frame_limits()
+    return gr.Slider(low, high, value=base.frames, step=base.frame_step, label="Frames")
+
+
 def build_studio(backend: str, collection: str | None = None) -> Studio:
     import torch
 
     from miva.pipeline import MivaPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" and backend == "animatediff-v3" else torch.float32
+    half = {"animatediff-v3": torch.float16, "wan2.1-1.3b": torch.bfloat16}  # the real bases' inference dtypes
+    dtype = half.get(backend, torch.float32) if device == "cuda" else torch.float32
     studio = Studio(MivaPipeline.from_base(backend, device=device, dtype=dtype), collection=collection)
     studio.refresh_hub()
     return studio
@@ -167,7 +174,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                         adapter = gr.Dropdown(animate_choices(), label="Motion", value=animate_choices()[0][1],
                                               allow_custom_value=True)  # names are checked by the Studio
                         with gr.Row():
-                            frames = gr.Slider(2, 32, value=studio.pipe.base.frames, step=1, label="Frames")
+                            frames = frames_slider(studio.pipe.base)
                             steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                             seed = gr.Number(0, precision=0, label="Seed")
                         with gr.Accordion("Advanced", open=False):
@@ -203,7 +210,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                             rows += [name, weight, editor, phrase]
                             editors.append(editor)
                         with gr.Row():
-                            mix_frames = gr.Slider(2, 32, value=studio.pipe.base.frames, step=1, label="Frames")
+                            mix_frames = frames_slider(studio.pipe.base)
                             mix_steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                             mix_seed = gr.Number(0, precision=0, label="Seed")
                         with gr.Row():

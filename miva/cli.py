@@ -102,13 +102,16 @@ def _training_clips(args, frames: int, size: tuple[int, int]):
     from . import data
 
     if args.stills:
+        if args.masked:
+            raise ValueError("--masked trains from clips with subject masks beside them; use --clips, not --stills.")
         if not args.camera:
             raise ValueError("--stills needs --camera (zoom-in, zoom-out, pan-left or pan-right).")
         clipset = data.camera_clips(args.stills, args.camera, per_still=args.per_still, frames=frames, size=size,
                                     seed=args.seed, on_error=args.on_error)
         return clipset, args.motion or args.camera
     if args.clips:
-        clipset = data.load_clips(args.clips, frames=frames, stride=args.stride, size=size, on_error=args.on_error)
+        clipset = data.load_clips(args.clips, frames=frames, stride=args.stride, size=size, on_error=args.on_error,
+                                  masks=args.masked)
         return clipset, args.motion or Path(args.out).name
     raise ValueError("give --clips DIR (videos of the motion) or --stills DIR with --camera MOTION.")
 
@@ -132,7 +135,7 @@ def cmd_train(args) -> int:
         pipe, clipset.clips, args.out, motion, name=args.name, steps=args.steps, lr=args.lr, batch=args.batch,
         seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, callback=progress,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        sources=clipset.names, augment=args.augment,
+        sources=clipset.names, augment=args.augment, masks=clipset.masks,
     )
     print(f"wrote adapter {folder}")
     return 0
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="AdamW lr (default: 1e-5 real base, 1e-3 toy)")
     train.add_argument("--batch", type=int, default=1)
     train.add_argument("--augment", type=int, default=1, help="colour variants per clip, 1-6 (1: none)")
+    train.add_argument("--masked", action="store_true",
+                       help="train an M-MIVA: each clip NAME.mp4 needs its subject masks beside it (NAME.mask.mp4 or NAME.mask/)")
     train.add_argument("--frames", type=int, default=None, help="frames per clip (default: the base's, 16)")
     train.add_argument("--stride", type=int, default=1, help="take every N-th frame of each clip")
     train.add_argument("--seed", type=int, default=0)

@@ -30,6 +30,7 @@ MAX_CLIP_BYTES = 512 * 2**20  # a single uploaded video larger than this is refu
 MAX_CLIP_SECONDS = 60
 MAX_CLIPS = 64  # few-shot means few: more clips than this is almost surely the wrong folder
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+MASK_TAG = ".mask"  # a clip's subject masks sit beside it: `run.mp4` -> `run.mask.mp4` (any video suffix) or `run.mask/`
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -44,6 +45,7 @@ class ClipSet:
     clips: list[np.ndarray] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    masks: list[np.ndarray] | None = None  # with masks=True: (F, H, W) float in [0, 1] per clip (an M-MIVA's subject)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -196,6 +198,8 @@ def _collect(sources: str | Path | Sequence[str | Path], media: Sequence[str], k
             return [root], [], f"'{root.name}'"
         candidates, ignored = [], []
         for p in _listdir(root):
+            if kind == "clips" and _is_mask(p):
+                continue  # a clip's subject masks, read with the clip (`clip_masks`)
             if (p.is_dir() and kind == "clips") or (p.is_file() and p.suffix.lower() in media):
                 candidates.append(p)
             else:
@@ -235,23 +239,53 @@ def _gather(items: Iterable[tuple[Path, ClipError]], on_error: str, where: str, 
     return result
 
 
+def _is_mask(path: Path) -> bool:
+    stem = path.name if path.is_dir() else path.name[: -len(path.suffix) or None]
+    return stem.lower().endswith(MASK_TAG)
+
+
+def clip_masks(clip: Path, frames: int = 16, stride: int = 1, size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """The subject masks beside `clip`, (F, H, W) float in [0, 1] (white = the subject; the brightest
+    channel counts), sampled and fitted exactly like the clip's frames."""
+    clip = Path(clip)
+    stem = clip.name if clip.is_dir() else clip.name[: -len(clip.suffix) or None]
+    candidates = [clip.parent / f"{stem}{MASK_TAG}"] + [clip.parent / f"{stem}{MASK_TAG}{s}" for s in VIDEO_SUFFIXES]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise ClipError(f"clip '{clip.name}' has no subject masks beside it; add '{stem}{MASK_TAG}.mp4' "
+                        f"(white = the subject) or a frame folder '{stem}{MASK_TAG}/'.")
+    try:
+        masks = load_clip(found, frames, stride, size).max(axis=-1).astype(np.float32) / 255.0
+    except ClipError as err:
+        raise ClipError(f"the masks of '{clip.name}' are unusable: {str(err).rstrip('.')}.") from None
+    if masks.max() < 0.5:
+        raise ClipError(f"the masks '{found.name}' are empty; paint the subject white on black.")
+    return masks
+
+
 def load_clips(sources: str | Path | Sequence[str | Path], frames: int = 16, stride: int = 1,
-               size: tuple[int, int] = (32, 32), on_error: str = "skip") -> ClipSet:
+               size: tuple[int, int] = (32, 32), on_error: str = "skip", masks: bool = False) -> ClipSet:
     """All clips of a folder (videos and frame sub-folders) or of a list of uploaded paths.
 
     on_error="skip" turns a bad clip into a warning (a user's ten uploads should not fail for one
-    broken file); "raise" raises the first bad clip's ClipError."""
+    broken file); "raise" raises the first bad clip's ClipError. masks=True also reads each clip's
+    subject masks from beside it (`clip_masks`), for an M-MIVA; a clip without them is a bad clip."""
     _check_args(frames, stride, size)
     paths, notes, where = _collect(sources, VIDEO_SUFFIXES, "clips", on_error)
-    result = ClipSet()
+    result = ClipSet(masks=[] if masks else None)
 
     def items() -> Iterator[tuple[Path, ClipError]]:
         for p in paths:
             try:
-                result.clips.append(load_clip(p, frames, stride, size))
-                result.names.append(p.name)
+                clip = load_clip(p, frames, stride, size)
+                subject = clip_masks(p, frames, stride, size) if masks else None
             except ClipError as err:
                 yield p, err
+                continue
+            result.clips.append(clip)
+            result.names.append(p.name)
+            if masks:
+                result.masks.append(subject)
 
     return _gather(items(), on_error, where, notes, result, "video files or frame folders")
 

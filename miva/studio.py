@@ -23,7 +23,6 @@ from .config import MivaConfig
 from .pipeline import ADAPTERS_DIR, MivaPipeline
 
 MAX_MIX = 4  # adapters in one mix
-MAX_FRAMES = 32
 MAX_STEPS = 100
 MAX_PHRASE = 200  # characters of a text phrase for a mask
 Progress = Callable[[float, str], None]  # (fraction done, message)
@@ -196,8 +195,9 @@ class Studio:
         if len(mix) > MAX_MIX:
             raise ValueError(f"{len(mix)} adapters were given; mix at most {MAX_MIX}.")
         frames, steps, seed = int(frames), int(steps), int(seed)
-        if not 2 <= frames <= MAX_FRAMES or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"use 2 to {MAX_FRAMES} frames and 1 to {MAX_STEPS} steps.")
+        self.pipe.base.check_frames(frames)  # the base's own limits (Wan: 4k + 1 frames)
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps is {steps}; use 1 to {MAX_STEPS} steps.")
         for name, weight in mix.items():
             if not 0 <= float(weight) <= MAX_WEIGHT:
                 raise ValueError(f"the weight of '{name}' is {weight}; use a number from 0 to {MAX_WEIGHT:g}.")

@@ -117,3 +117,28 @@ def test_masked_adapters_are_refused_on_wan():
     base = load_base("tiny-wan")
     with pytest.raises(ValueError, match="M-MIVA .* not available on base 'tiny-wan'"):
         attach(base.unet, MivaConfig.for_base("tiny-wan", masked=True))
+
+
+def test_clips_with_masks_beside_them_train_an_m_miva_from_the_cli(tmp_path, capsys):
+    from miva.data import load_clips
+    from miva.media import save_video
+    from miva.toy.world import WorldConfig, make_clip
+
+    clips = tmp_path / "clips"
+    for seed in range(3):
+        clip = make_clip("move-left", seed, WorldConfig(size=32, frames=4))
+        save_video(clip.frames, clips / f"c{seed}.mp4")
+        if seed < 2:  # c2 has no masks
+            save_video(np.repeat(clip.masks[:, 0, :, :, None] * np.uint8(255), 3, -1), clips / f"c{seed}.mask.gif")
+    with pytest.warns(UserWarning, match="'c2.mp4' has no subject masks beside it; add 'c2.mask.mp4'"):
+        loaded = load_clips(clips, frames=4, masks=True)
+    assert loaded.names == ["c0.mp4", "c1.mp4"] and len(loaded.masks) == 2  # the .mask files are not clips
+    truth = make_clip("move-left", 0, WorldConfig(size=32, frames=4)).masks[:, 0]
+    assert loaded.masks[0].shape == (4, 32, 32) and np.array_equal(loaded.masks[0] > 0.5, truth)
+    out = tmp_path / "slide-masked"
+    code = main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(out), "--frames", "4", "--steps", "2",
+                 "--checkpoint-every", "1", "--masked"])
+    assert code == 0 and MivaConfig.load(out).masked
+    assert main(["train", "--base", "tiny", "--stills", str(clips), "--camera", "zoom-in", "--out",
+                 str(tmp_path / "o"), "--masked"]) == 2
+    assert "use --clips, not --stills" in capsys.readouterr().err

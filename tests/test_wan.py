@@ -200,3 +200,17 @@ def test_real_loading_path_through_the_hub_layout(tmp_path):
                                                           getattr(built, module).state_dict().values()))
         out = loaded.denoise(sample, torch.tensor(500.0), loaded.null_prompt_embeds)
     assert out.shape == sample.shape
+
+
+def test_the_studio_and_its_frames_slider_follow_wans_frame_rule(wan_base, first_frame, tmp_path):
+    import app
+    from miva.data import load_clip
+    from miva.studio import Studio
+
+    studio = Studio(MivaPipeline(wan_base), shipped=tmp_path / "none", workdir=tmp_path / "work")
+    slider = app.frames_slider(wan_base)
+    assert (slider.minimum, slider.maximum, slider.step, slider.value) == (5, 81, 4, 9)
+    video = studio.animate(first_frame, {}, frames=9, steps=2)
+    assert load_clip(video, frames=9).shape == (9, 32, 32, 3)
+    with pytest.raises(ValueError, match="use 17"):
+        studio.animate(first_frame, {}, frames=16, steps=2)

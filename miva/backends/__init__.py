@@ -59,6 +59,8 @@ class Base:
         """The smallest and largest frame count the denoiser takes (its temporal position table)."""
         return 2, getattr(self.unet.config, "motion_max_seq_length", None) or 32
 
+    frame_step = 1  # valid frame counts are low, low + frame_step, ... (a UI slider's step)
+
     def check_frames(self, frames) -> int:
         low, high = self.frame_limits()
         if not isinstance(frames, int) or not low <= frames <= high:

@@ -55,6 +55,10 @@ class WanBase(Base):
     def frame_limits(self) -> tuple[int, int]:
         return self.temporal_factor + 1, 20 * self.temporal_factor + 1  # 5 to 81 frames (Wan's own maximum)
 
+    @property
+    def frame_step(self) -> int:
+        return self.temporal_factor
+
     def check_frames(self, frames) -> int:
         low, high = self.frame_limits()
         k = self.temporal_factor
