@@ -2,7 +2,7 @@
 
     python benchmarks/motion_accuracy.py [--n 20] [--steps 25] [--adapters adapters]
 
-For each adapter in the folder (toy base): animate N held-out first frames (colours and shapes never
+For each adapter in the folder (toy base; an M-MIVA gets the still's object as its mask): animate N held-out first frames (colours and shapes never
 in any training clip), classify the motion of each video with miva.metrics.classify_motion, and
 count those equal to the adapter's motion. The base alone on the same frames and seeds gives the
 chance level. Also: CPU seconds to train (from the adapter card) and to animate 16 frames.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from miva.config import MivaConfig  # noqa: E402
-from miva.metrics import classify_motion  # noqa: E402
+from miva.metrics import classify_motion, object_masks  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
 from miva.toy.base import load_toy  # noqa: E402
 from miva.toy.world import WorldConfig, make_still  # noqa: E402
@@ -48,8 +48,10 @@ def main() -> None:
         name = pipe.load_adapter(folder)
         motions, seconds = [], []
         for i, still in enumerate(stills):
+            # an M-MIVA gets its subject: the still's object, segmented from the background
+            masks = {name: object_masks(still[None])[0].any(0)} if config.masked else None
             start = time.perf_counter()
-            frames = pipe(still, adapters={name: 1.0}, num_inference_steps=args.steps, seed=i).frames
+            frames = pipe(still, adapters={name: 1.0}, num_inference_steps=args.steps, seed=i, masks=masks).frames
             seconds.append(time.perf_counter() - start)
             motions.append(classify_motion(frames))
         pipe.unload_adapter(name)

@@ -207,7 +207,7 @@ class MivaPipeline:
         missing = [name for name in masked if name not in masks]
         if missing:
             raise ValueError(f"M-MIVA '{missing[0]}' needs a mask of its subject on the first frame; "
-                             f"give masks={{'{missing[0]}': image}} (a drawn region or a text phrase in the app).")
+                             f"give masks={{'{missing[0]}': image}} (in the app: its region or phrase in the Mix tab).")
         grid = first_latent.shape[-2:]
         first_masks = torch.stack([masks_lib.fit_mask(masks[name], num_frames, height, width, name)[0] for name in masked])
         firsts = self.encode((first_masks[:, None] * 2 - 1).expand(-1, 3, -1, -1))  # (n, c, h, w)

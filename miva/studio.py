@@ -8,6 +8,7 @@ up inside the catalogue folders only, never used as paths.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import threading
@@ -58,7 +59,10 @@ class Studio:
         self.trained = self.workdir / "adapters"
         self.trained.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()  # one model job at a time: the pipeline's adapter weights are shared
-        self._runs: list[tuple[str | None, threading.Event]] = []  # (owner, stop flag) of each training run
+        # Training runs and Stop requests are marker files, not in-memory flags: on a ZeroGPU Space the
+        # run executes in a process forked by `spaces.GPU`, which sees files but not this object's memory.
+        self.runs = self.workdir / "runs"
+        self.runs.mkdir(exist_ok=True)
 
     # -- time on a GPU ----------------------------------------------------------------------------
     def gpu_seconds(self, frames: int = 16, steps: int = 25, adapters: int = 1, guidance: float = 1.0) -> int:
@@ -172,13 +176,17 @@ class Studio:
         alpha = (index > 0)[..., None] * 0.55
         return Image.fromarray((frame * (1 - alpha) + colours * alpha).astype(np.uint8))
 
+    def _marker(self, owner: str | None, kind: str) -> Path:
+        return self.runs / f"{hashlib.sha256(str(owner).encode()).hexdigest()[:16]}.{kind}"
+
     def request_stop(self, owner: str | None = None) -> bool:
         """Ask the training runs of `owner` (the app passes the page's session; None: every run) to
         checkpoint after their current step and return; False when none was under way."""
-        flags = [flag for who, flag in list(self._runs) if owner is None or who == owner]
-        for flag in flags:
-            flag.set()
-        return bool(flags)
+        running = [self._marker(owner, "running")] if owner is not None else sorted(self.runs.glob("*.running"))
+        running = [marker for marker in running if marker.exists()]
+        for marker in running:
+            marker.with_suffix(".stop").touch()
+        return bool(running)
 
     # -- jobs ------------------------------------------------------------------------------------
     def out_path(self, stem: str, suffix: str = ".mp4") -> Path:
@@ -235,8 +243,9 @@ class Studio:
         if (out / CHECKPOINT_DIR).is_dir() and not resume:
             raise ValueError(f"a run for '{name}' is unfinished; press Resume to continue it or pick another name.")
         # registered before the clips are decoded, so a Stop pressed from now on is never lost
-        run = (owner, threading.Event())
-        self._runs.append(run)
+        running, stop = self._marker(owner, "running"), self._marker(owner, "stop")
+        stop.unlink(missing_ok=True)  # a Stop pressed before this run began is not for it
+        running.touch()
         try:
             base = self.pipe.base
             clipset = data.load_clips([Path(c) for c in clips or []], frames=base.frames,
@@ -246,7 +255,7 @@ class Studio:
             stop_at = min(steps, len(losses) + int(chunk_steps)) if chunk_steps else steps
 
             def chunked_stop() -> bool:
-                return len(losses) >= stop_at or run[1].is_set() or (should_stop is not None and should_stop())
+                return len(losses) >= stop_at or stop.exists() or (should_stop is not None and should_stop())
 
             def count(step, total, loss, eta):
                 losses.append(loss)
@@ -258,7 +267,8 @@ class Studio:
                                        resume=resume, callback=count, should_stop=chunked_stop,
                                        sources=clipset.names)
         finally:
-            self._runs.remove(run)
+            running.unlink(missing_ok=True)
+            stop.unlink(missing_ok=True)
         return folder, {"name": name, "step": len(losses), "steps": steps, "warnings": clipset.warnings,
                         "losses": losses}
 

@@ -1,10 +1,12 @@
 """Train the shipped toy adapters in adapters/ with the public CLI, from at most 8 toy clips each.
 
     python scripts/train_toy_adapters.py [--steps 300] [--clips 8] [--only move-left ...]
+    python scripts/train_toy_adapters.py --masked --only move-left move-up   # M-MIVAs: adapters/NAME-masked
 
 Each motion's clips are rendered from the toy world (train split) to .mp4 files in a temporary
 folder, then `python -m miva train --base toy --clips DIR --out adapters/NAME` learns them, exactly
-as a user would with their own clips.
+as a user would with their own clips. With --masked each clip's exact object mask is written beside
+it (NAME.mask.gif, lossless) and the command gets --masked: an M-MIVA.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,15 +36,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--augment", type=int, default=6, help="colour variants per clip (see miva.train)")
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--masked", action="store_true", help="train M-MIVAs from the clips' object masks")
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     args = parser.parse_args()
     for motion in args.only or MOTIONS:
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
             for clip in make_dataset(motion, args.clips, seed0=1000, config=WorldConfig(size=32, frames=16)):
                 save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.mp4")
+                if args.masked:
+                    mask = np.repeat(clip.masks[:, 0, :, :, None] * np.uint8(255), 3, axis=-1)
+                    save_video(mask, Path(tmp) / f"{motion}-{clip.seed}.mask.gif")
+            name = f"{motion}-masked" if args.masked else motion
             command = [sys.executable, "-m", "miva", "train", "--base", "toy", "--clips", tmp, "--motion", motion,
-                       "--out", str(args.out / motion), "--steps", str(args.steps), "--batch", str(args.batch),
-                       "--augment", str(args.augment)]
+                       "--out", str(args.out / name), "--steps", str(args.steps), "--batch", str(args.batch),
+                       "--augment", str(args.augment)] + (["--masked"] if args.masked else [])
             command += ["--lr", str(args.lr)] if args.lr else []
             print(" ".join(command[1:]), flush=True)
             subprocess.run(command, check=True, cwd=ROOT)

@@ -1,0 +1,30 @@
+"""Studio behaviour that the app relies on but a single process cannot show."""
+
+from miva.media import save_video
+from miva.studio import Studio
+from miva.toy.world import WorldConfig, make_clip
+
+
+def test_a_stop_from_another_process_reaches_the_run(pipe, tmp_path):
+    """On ZeroGPU the run executes in a forked process: Stop must travel through files, not memory.
+    A second Studio on the same folder shares nothing else with the first."""
+    clips = []
+    for seed in range(2):
+        clips.append(save_video(make_clip("move-left", seed, WorldConfig(size=32, frames=16)).frames,
+                                tmp_path / f"c{seed}.mp4"))
+    studio = Studio(pipe, shipped=tmp_path / "none", workdir=tmp_path / "work")
+    elsewhere = Studio(pipe, shipped=tmp_path / "none", workdir=tmp_path / "work")
+    asked = []
+
+    def progress(step, total, loss, eta):
+        if step == 2:
+            asked.append(elsewhere.request_stop(owner="another-page"))
+            asked.append(elsewhere.request_stop(owner="page"))
+
+    folder, status = studio.train(clips, "wiggle", steps=8, progress=progress, owner="page")
+    assert asked == [False, True]  # only the page that started the run stops it
+    assert folder is None and status["step"] == 2
+    assert (tmp_path / "work" / "adapters" / "wiggle" / "checkpoint" / "state.json").is_file()
+    assert not elsewhere.request_stop(owner="page")  # the run is over: nothing left to stop
+    folder, status = studio.train(clips, "wiggle", steps=8, resume=True, owner="page")
+    assert folder is not None and status["step"] == 8
