@@ -258,14 +258,16 @@ def build_app(studio: Studio) -> gr.Blocks:
                     return train(files, motion, steps, True, progress, request)
 
                 def stop_training(request: gr.Request):
-                    studio.request_stop(owner=getattr(request, "session_hash", None))
+                    if studio.request_stop(owner=getattr(request, "session_hash", None)):
+                        return "Stopping after the current step; press Resume to continue later."
+                    return "No training run of yours is under way; press Start to begin one."
 
                 start.click(train_start, [files, motion, train_steps], outputs, api_name="train",
                             concurrency_id=GPU_JOB, concurrency_limit=1)
                 resume.click(train_resume, [files, motion, train_steps], outputs, api_name="resume_training",
                              concurrency_id=GPU_JOB, concurrency_limit=1)
                 # outside the queue: a Stop must not wait behind the run it stops
-                stop.click(stop_training, None, None, api_name="stop_training", queue=False)
+                stop.click(stop_training, None, status, api_name="stop_training", queue=False)
                 push_go.click(push, [pushable, repo, token], pushed, api_name="push")
         with gr.Row(visible=False):  # API-only endpoints
             list_button, catalogue = gr.Button(), gr.JSON()

@@ -11,6 +11,7 @@ BASE_MODELS = {
     "animatediff-v3": ["stable-diffusion-v1-5/stable-diffusion-v1-5", "guoyww/animatediff-motion-adapter-v1-5-3"],
     "wan2.1-1.3b": ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"],
 }
+BACKENDS = {"toy-v1": "toy"}  # base ids whose backend (`--base`, `from_base`) has another name
 PART_NAMES = {
     "cross_frame_attention": "Cross-frame attention (CFA, §3.3.1)",
     "implicit_prompt": "Implicit prompt (§3.3.2)",
@@ -40,12 +41,20 @@ def model_card(name: str, config: MivaConfig, counts: dict[str, int], preview: b
     front.append("---")
     rows = [f"| {PART_NAMES[part]} | {counts[part]:,} |" for part in PART_NAMES if counts.get(part)]
     cfa = "full-rank" if config.cfa_rank is None else f"rank {config.cfa_rank}"
+    lora = (f"temporal LoRA rank {config.temporal_lora_rank} on {', '.join(config.temporal_lora_targets)}"
+            if config.temporal_lora_rank else "no temporal LoRA")
+    backend = BACKENDS.get(config.base, config.base)
+    kind, mask_cli, mask_py, subject = "MIVA", "", "", ""
+    if config.masked:
+        kind, mask_cli, mask_py = "M-MIVA", f" --mask {name}=subject.png", f', masks={{"{name}": "subject.png"}}'
+        subject = (" It also generates its subject's mask sequence and keeps the motion on the subject: give it "
+                   "the subject's mask on the first frame (white on black).")
     lines = front + [
         "",
-        f"# MIVA: {motion}",
+        f"# {kind}: {motion}",
         "",
         f"A Modular Image-to-Video Adapter that animates a still image with the motion **{motion}**, "
-        f"for the base model `{config.base}`.",
+        f"for the base model `{config.base}`.{subject}",
         "",
         *(["![preview](preview.gif)", ""] if preview else []),
         "| part | parameters |",
@@ -54,20 +63,19 @@ def model_card(name: str, config: MivaConfig, counts: dict[str, int], preview: b
         f"| **total** | **{counts.get('total', 0):,}** |",
         "",
         f"CFA projections: {cfa}, φ temperature {config.cfa_temperature}; implicit prompt width "
-        f"{config.implicit_prompt_rank}; temporal LoRA rank {config.temporal_lora_rank} on "
-        f"{', '.join(config.temporal_lora_targets)}.",
+        f"{config.implicit_prompt_rank}; {lora}.",
         "",
         "## Use",
         "",
         "```bash",
-        f"python -m miva animate --base {config.base} --image first_frame.png --adapter path/to/{name}:1.0 --out out.mp4",
+        f"python -m miva animate --base {backend} --image first_frame.png --adapter path/to/{name}:1.0{mask_cli} --out out.mp4",
         "```",
         "",
         "```python",
         "from miva.pipeline import MivaPipeline",
-        f'pipe = MivaPipeline.from_base("{config.base}")',
+        f'pipe = MivaPipeline.from_base("{backend}")',
         f'pipe.load_adapter("path/to/{name}")',
-        f'pipe("first_frame.png", adapters={{"{name}": 1.0}}, seed=0).save("out.mp4")',
+        f'pipe("first_frame.png", adapters={{"{name}": 1.0}}{mask_py}, seed=0).save("out.mp4")',
         "```",
     ]
     if config.training:

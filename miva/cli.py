@@ -102,7 +102,7 @@ def _training_clips(args, frames: int, size: tuple[int, int]):
     from . import data
 
     if args.stills:
-        if args.masked:
+        if args.masked or args.mask_text:
             raise ValueError("--masked trains from clips with subject masks beside them; use --clips, not --stills.")
         if not args.camera:
             raise ValueError("--stills needs --camera (zoom-in, zoom-out, pan-left or pan-right).")
@@ -110,8 +110,14 @@ def _training_clips(args, frames: int, size: tuple[int, int]):
                                     seed=args.seed, on_error=args.on_error)
         return clipset, args.motion or args.camera
     if args.clips:
+        from_text = bool(args.mask_text)
         clipset = data.load_clips(args.clips, frames=frames, stride=args.stride, size=size, on_error=args.on_error,
-                                  masks=args.masked)
+                                  masks=args.masked and not from_text)
+        if from_text:  # an M-MIVA's subject found by a phrase on each clip's first frame and tracked
+            from .segment import TextSegmenter
+
+            segmenter = TextSegmenter()
+            clipset.masks = [segmenter.segment_video(clip, args.mask_text).astype("float32") for clip in clipset.clips]
         return clipset, args.motion or Path(args.out).name
     raise ValueError("give --clips DIR (videos of the motion) or --stills DIR with --camera MOTION.")
 
@@ -191,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--augment", type=int, default=1, help="colour variants per clip, 1-6 (1: none)")
     train.add_argument("--masked", action="store_true",
                        help="train an M-MIVA: each clip NAME.mp4 needs its subject masks beside it (NAME.mask.mp4 or NAME.mask/)")
+    train.add_argument("--mask-text", default=None, metavar="PHRASE",
+                       help="train an M-MIVA whose subject masks come from this phrase (Grounding DINO + SAM 2)")
     train.add_argument("--frames", type=int, default=None, help="frames per clip (default: the base's, 16)")
     train.add_argument("--stride", type=int, default=1, help="take every N-th frame of each clip")
     train.add_argument("--seed", type=int, default=0)

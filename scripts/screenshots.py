@@ -21,8 +21,11 @@ from miva.media import save_video  # noqa: E402
 
 
 def demo_gif(studio, image: Path, out: Path, seed: int = 0) -> Path:
-    """Each catalogue adapter on the same first frame and seed, in a row, with the base alone first."""
+    """Each catalogue adapter on the same first frame and seed, in a row, with the base alone first
+    (an M-MIVA gets the frame's objects, segmented from the background, as its subject)."""
     from PIL import Image, ImageDraw
+
+    from miva.metrics import object_masks
 
     names = [("", "base alone")] + [(a.name, a.motion) for a in studio.catalogue()]
     columns = []
@@ -31,7 +34,10 @@ def demo_gif(studio, image: Path, out: Path, seed: int = 0) -> Path:
             frames = studio.pipe(image, adapters={}, seed=seed).frames
         else:
             key = studio.pipe.load_adapter(studio.resolve(name), name=f"demo-{name}")
-            frames = studio.pipe(image, adapters={key: 1.0}, seed=seed).frames
+            masked = studio.pipe.adapters[key].masked
+            subject = object_masks(np.asarray(Image.open(image).convert("RGB"))[None])[0].any(0) if masked else None
+            label += " (M-MIVA)" if masked else ""
+            frames = studio.pipe(image, adapters={key: 1.0}, seed=seed, masks={key: subject} if masked else None).frames
             studio.pipe.unload_adapter(key)
         big = np.stack([np.asarray(Image.fromarray(f).resize((128, 128), Image.Resampling.NEAREST)) for f in frames])
         caption = Image.new("RGB", (128, 18), (255, 255, 255))

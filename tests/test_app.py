@@ -204,9 +204,10 @@ def test_stop_a_training_run_then_resume_it(served):
     uploads = [handle_file(str(c)) for c in clips]
     job = client.submit(uploads, "sway", 10, api_name="/train")  # ~0.4 s a step on the tiny base
     wait_for_step(job, 1)
-    Client(client.src, verbose=False).predict(api_name="/stop_training")  # another page's Stop: not this run
+    other = Client(client.src, verbose=False).predict(api_name="/stop_training")  # another page's Stop: not this run
+    assert other.startswith("No training run of yours is under way")
     reached = wait_for_step(job, 3)
-    client.predict(api_name="/stop_training")  # answered at once: Stop does not queue behind the run
+    assert client.predict(api_name="/stop_training").startswith("Stopping")  # at once: not queued behind the run
     status, *_ = job.result(timeout=30)
     stopped = re.fullmatch(r"Stopped at step (\d+) of 10; press Resume to continue\.", status)
     assert stopped and reached <= int(stopped[1]) < 10, status

@@ -142,3 +142,18 @@ def test_clips_with_masks_beside_them_train_an_m_miva_from_the_cli(tmp_path, cap
     assert main(["train", "--base", "tiny", "--stills", str(clips), "--camera", "zoom-in", "--out",
                  str(tmp_path / "o"), "--masked"]) == 2
     assert "use --clips, not --stills" in capsys.readouterr().err
+
+
+def test_subject_masks_from_a_phrase_need_the_models(tmp_path, capsys, monkeypatch):
+    """`train --mask-text PHRASE` segments each clip (Grounding DINO + SAM 2); offline it says so."""
+    import huggingface_hub
+
+    from miva.media import save_video
+    from miva.toy.world import WorldConfig, make_clip
+
+    clips = tmp_path / "clips"
+    save_video(make_clip("move-left", 0, WorldConfig(size=32, frames=4)).frames, clips / "c0.mp4")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(tmp_path / "o"), "--frames", "4",
+                 "--steps", "2", "--mask-text", "the square"]) == 2
+    assert "not available offline" in capsys.readouterr().err

@@ -250,3 +250,18 @@ def test_mask_file_errors(tmp_path):
         save_mask(np.ones((2, 2), bool), tmp_path / "mask.jpg")
     with pytest.raises(ValueError, match=r"one \(H, W\) array"):
         save_mask(np.ones((2, 2, 2), bool), tmp_path / "mask.png")
+
+
+def test_an_m_miva_trains_from_masks_found_by_a_phrase(segmenter, frames, tmp_path):
+    """The masks `train --mask-text` uses: one (F, H, W) sequence per clip, from the same segmenter."""
+    from miva.backends import load_base
+    from miva.config import MivaConfig
+    from miva.pipeline import MivaPipeline
+    from miva.train import train_adapter
+
+    clips = [np.stack([np.asarray(Image.fromarray(f).resize((32, 32))) for f in frames[:4]])]
+    masks = [segmenter.segment_video(clip, "the red square").astype(np.float32) for clip in clips]
+    assert masks[0].shape == (4, 32, 32) and masks[0][0].any()
+    folder = train_adapter(MivaPipeline(load_base("tiny")), clips, tmp_path / "m", "slide", steps=2, preview_steps=1,
+                           masks=masks)
+    assert MivaConfig.load(folder).masked
