@@ -75,13 +75,13 @@ def serve(demo: gr.Blocks, **launch_kwargs):
 
 def build_app(studio: Studio) -> gr.Blocks:
     def choices():
-        return [(f"{a.motion}" + (" (yours)" if a.trained else ""), a.name) for a in studio.catalogue()]
+        return [(a.label + (" (yours)" if a.trained else ""), a.name) for a in studio.catalogue()]
 
     def animate_choices():
         return choices() + [("none: the base alone", "")]
 
     def gallery():
-        return [(str(a.preview), a.motion) for a in studio.catalogue() if a.preview]
+        return [(str(a.preview), a.label) for a in studio.catalogue() if a.preview]
 
     def run(fn, *args, **kwargs):
         from miva.segment import SegmentationUnavailable

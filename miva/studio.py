@@ -42,6 +42,12 @@ class AdapterInfo:
     preview: Path | None
     trained: bool  # trained in this Studio (vs. shipped)
     source: str = "local"  # "local" (shipped or trained here) or the Hub repo id it came from
+    masked: bool = False  # an M-MIVA: it needs its subject's region (Mix tab) or phrase
+
+    @property
+    def label(self) -> str:
+        """How the UI names it: the motion, and whether it is an M-MIVA."""
+        return f"{self.motion} · M-MIVA" if self.masked else self.motion
 
 
 class Studio:
@@ -115,7 +121,7 @@ class Studio:
                 continue  # another base's adapter; or a name trained here, which is the user's own and stays
             preview = path / "preview.gif"
             found[name] = AdapterInfo(name, config.motion or name, config.base, path,
-                                      preview if preview.is_file() else None, trained, source)
+                                      preview if preview.is_file() else None, trained, source, config.masked)
         return list(found.values())
 
     def resolve(self, name: str) -> Path:
@@ -130,8 +136,8 @@ class Studio:
         return known[name.strip()]
 
     def describe(self) -> list[dict]:
-        return [{"name": a.name, "motion": a.motion, "base": a.base, "trained_here": a.trained, "source": a.source}
-                for a in self.catalogue()]
+        return [{"name": a.name, "motion": a.motion, "base": a.base, "trained_here": a.trained, "source": a.source,
+                 "masked": a.masked} for a in self.catalogue()]
 
     def push(self, name: str, repo_id: str, token: str | None, private: bool = False) -> str:
         """Upload an adapter trained here (files + card + preview) to a new or existing Hub model repo."""

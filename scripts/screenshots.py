@@ -27,7 +27,7 @@ def demo_gif(studio, image: Path, out: Path, seed: int = 0) -> Path:
 
     from miva.metrics import object_masks
 
-    names = [("", "base alone")] + [(a.name, a.motion) for a in studio.catalogue()]
+    names = [("", "base alone")] + [(a.name, a.label) for a in studio.catalogue()]
     columns = []
     for name, label in names:
         if not name:
@@ -36,7 +36,6 @@ def demo_gif(studio, image: Path, out: Path, seed: int = 0) -> Path:
             key = studio.pipe.load_adapter(studio.resolve(name), name=f"demo-{name}")
             masked = studio.pipe.adapters[key].masked
             subject = object_masks(np.asarray(Image.open(image).convert("RGB"))[None])[0].any(0) if masked else None
-            label += " (M-MIVA)" if masked else ""
             frames = studio.pipe(image, adapters={key: 1.0}, seed=seed, masks={key: subject} if masked else None).frames
             studio.pipe.unload_adapter(key)
         big = np.stack([np.asarray(Image.fromarray(f).resize((128, 128), Image.Resampling.NEAREST)) for f in frames])
