@@ -216,6 +216,10 @@ class Studio:
             if not 0 <= float(weight) <= MAX_WEIGHT:
                 raise ValueError(f"the weight of '{name}' is {weight}; use a number from 0 to {MAX_WEIGHT:g}.")
         folders = {name: self.resolve(name) for name in mix}
+        for name, folder in folders.items():
+            if mix[name] and MivaConfig.load(folder).masked and (regions or {}).get(name) is None:
+                raise ValueError(f"'{name}' is an M-MIVA and moves only its subject: in the Mix tab, paint the "
+                                 "subject on the first frame or describe it in its row.")
         masks = self.region_masks(image, regions or {})
         with self.lock:
             weights, keys = {}, {}

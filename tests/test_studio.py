@@ -28,3 +28,23 @@ def test_a_stop_from_another_process_reaches_the_run(pipe, tmp_path):
     assert not elsewhere.request_stop(owner="page")  # the run is over: nothing left to stop
     folder, status = studio.train(clips, "wiggle", steps=8, resume=True, owner="page")
     assert folder is not None and status["step"] == 8
+
+
+def test_an_m_miva_without_its_subject_says_where_to_give_it(pipe, tmp_path, first_frame):
+    from miva.adapter import attach, save_adapter
+    from miva.config import MivaConfig
+
+    shipped = tmp_path / "adapters"
+    attach(pipe.base.unet, MivaConfig(base="tiny", masked=True, motion="wave"), "wave")
+    save_adapter(pipe.base.unet, "wave", shipped / "wave")
+    pipe.unload_adapter()
+    studio = Studio(pipe, shipped=shipped, workdir=tmp_path / "work")
+    assert [a.label for a in studio.catalogue()] == ["wave · M-MIVA"]
+    import pytest
+
+    with pytest.raises(ValueError, match="'wave' is an M-MIVA and moves only its subject: in the Mix tab"):
+        studio.animate(first_frame, {"wave": 1.0}, frames=4, steps=1)
+    subject = first_frame.copy()
+    subject[:] = 0
+    subject[8:24, 8:24] = 255
+    studio.animate(first_frame, {"wave": 1.0}, frames=4, steps=1, regions={"wave": subject})
