@@ -144,9 +144,8 @@ class MivaAdapters:
         self.context.set_regions(regions)
 
     def _regional(self, name: str):
-        def hook(module, args, output):
-            region = self.context.region(name, output.shape[0], temporal=True)
-            return output if region is None else output * region.to(output.dtype)
+        def hook(module, args, output):  # (S b h w, F, c): the weight is applied by PEFT's scaling
+            return self.context.weighted(name, 1.0, output, temporal=True)
 
         return hook
 

@@ -87,7 +87,7 @@ def unify_masks(masks: list[torch.Tensor | None]) -> torch.Tensor:
     if not given:
         raise ValueError("no masks were given to unify.")
     shape = given[0][1].shape
-    stack = torch.zeros((len(masks),) + tuple(shape))
+    stack = torch.zeros((len(masks),) + tuple(shape), device=given[0][1].device)
     for j, m in given:
         if m.shape != shape:
             raise ValueError(f"mask {j} has shape {tuple(m.shape)}, mask {given[0][0]} {tuple(shape)}; masks of one mix must match.")

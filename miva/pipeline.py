@@ -211,17 +211,20 @@ class MivaPipeline:
         grid = first_latent.shape[-2:]
         first_masks = torch.stack([masks_lib.fit_mask(masks[name], num_frames, height, width, name)[0] for name in masked])
         firsts = self.encode((first_masks[:, None] * 2 - 1).expand(-1, 3, -1, -1))  # (n, c, h, w)
-        latents = torch.cat([self.initial_latents(firsts[k : k + 1], num_frames, scheduler, generator, **init)
+        latents = torch.cat([self.initial_latents(firsts[k : k + 1], self.base.latent_frames(num_frames), scheduler,
+                                                  generator, **init)
                              for k in range(len(masked))]).to(firsts)
-        prior = masks_lib.to_latent_grid(first_masks, *grid)[:, None].expand(-1, num_frames, -1, -1)
+        prior = masks_lib.to_latent_grid(first_masks, *grid)[:, None].expand(-1, self.base.latent_frames(num_frames), -1, -1)
         if mask_steps is None:
             mask_steps = masks_lib.mask_steps(num_inference_steps)
-        elif mask_steps == "all":
+        elif isinstance(mask_steps, str):
+            if mask_steps != "all":
+                raise ValueError(f"mask_steps is {mask_steps!r}; give a list of sampling steps, \"all\" or None.")
             mask_steps = range(num_inference_steps)
         steps = sorted({int(i) for i in mask_steps if 0 <= int(i) < num_inference_steps})
-        if not steps:
-            raise ValueError(f"mask_steps {list(mask_steps)} has no step in 0..{num_inference_steps - 1}; "
-                             "give at least step 0.")
+        if 0 not in steps:
+            raise ValueError(f"mask_steps {list(mask_steps)} must include step 0, where the mask clips start "
+                             f"from noise (steps are 0..{num_inference_steps - 1}).")
         return MaskStreams(list(masked), latents, firsts, prior.to(first_latent).clone(), first_masks, steps,
                            mask_tolerance)
 
@@ -305,7 +308,7 @@ class MivaPipeline:
 
         masks = masks or {}
         masked = [name for name, w in adapters.items() if w != 0 and attached[name].masked]
-        regions = self.unified_regions(adapters, masks, num_frames, height, width)
+        fitted = self.fitted_masks(adapters, masks, num_frames, height, width) if masks else {}
         first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
         scheduler.set_timesteps(num_inference_steps, device=base.device)
@@ -315,10 +318,7 @@ class MivaPipeline:
         streams = (self.mask_streams(masked, masks, first, num_frames, height, width, scheduler, generator,
                                      num_inference_steps, mask_steps, mask_tolerance, init) if masked else None)
         manager = adapters_of(base.unet)
-        if regions is not None:  # plain MIVAs act in their regions; an M-MIVA's mask is its first-frame subject
-            grid = latents.shape[-2:]
-            manager.set_regions({name: masks_lib.to_latent_grid(base.latent_regions((regions == j).float()), *grid)[None].to(latents)
-                                 for name, j in self._region_index(adapters, masks).items() if name not in masked})
+        regions = self._set_regions(manager, adapters, fitted, masked, latents) if manager is not None else None
         try:
             if streams is not None:
                 manager.context.set_subjects(streams.context_subjects())
@@ -330,6 +330,8 @@ class MivaPipeline:
                     prediction, mask_prediction = self.predict(model_input, first, t, adapters, guidance_scale, streams)
                     self.update_masks(streams, mask_prediction, scheduler.timesteps, i)
                     manager.context.set_subjects(streams.context_subjects())  # guides the following steps
+                    fitted.update(zip(streams.names, streams.pixels.to(torch.float32).cpu()))
+                    regions = self._set_regions(manager, adapters, fitted, masked, latents)
                 else:
                     prediction = self.predict(model_input, first, t, adapters, guidance_scale)
                 latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
@@ -352,6 +354,17 @@ class MivaPipeline:
         order = [name for name in adapters if name in masks]
         return {name: order.index(name) + 1 if name in masks else 0 for name in adapters}
 
+    def fitted_masks(self, adapters: dict[str, float], masks: dict, num_frames: int | None = None,
+                     height: int | None = None, width: int | None = None) -> dict[str, torch.Tensor]:
+        """Each mask of a call fitted like the first frame: {name: (F, H, W)}, in the order of `adapters`."""
+        for name in masks:
+            if name not in adapters:
+                raise ValueError(f"a mask was given for '{name}', which is not in this call; "
+                                 f"give masks only for the adapters used: {', '.join(adapters) or 'none'}.")
+        base = self.base
+        num_frames, height, width = num_frames or base.frames, height or base.height, width or base.width
+        return {name: masks_lib.fit_mask(masks[name], num_frames, height, width, name) for name in adapters if name in masks}
+
     def unified_regions(self, adapters: dict[str, float], masks: dict, num_frames: int | None = None,
                         height: int | None = None, width: int | None = None) -> torch.Tensor | None:
         """The unified mask (F, H, W) of a call (eq. S5), at the output size; None without masks.
@@ -360,11 +373,16 @@ class MivaPipeline:
         """
         if not masks:
             return None
-        for name in masks:
-            if name not in adapters:
-                raise ValueError(f"a mask was given for '{name}', which is not in this call; "
-                                 f"give masks only for the adapters used: {', '.join(adapters) or 'none'}.")
-        base = self.base
-        num_frames, height, width = num_frames or base.frames, height or base.height, width or base.width
-        fitted = [masks_lib.fit_mask(masks[name], num_frames, height, width, name) for name in adapters if name in masks]
-        return masks_lib.unify_masks(fitted)
+        return masks_lib.unify_masks(list(self.fitted_masks(adapters, masks, num_frames, height, width).values()))
+
+    def _set_regions(self, manager, adapters: dict[str, float], fitted: dict[str, torch.Tensor], masked: list[str],
+                     latents: torch.Tensor) -> torch.Tensor | None:
+        """Confine the plain adapters to their part of the unified mask of `fitted` (eq. S5; an M-MIVA's
+        entry is its current subject masks, so the background follows a moving subject); returns it."""
+        if not fitted:
+            return None
+        unified = masks_lib.unify_masks(list(fitted.values()))
+        grid = latents.shape[-2:]
+        manager.set_regions({name: masks_lib.to_latent_grid(self.base.latent_regions((unified == j).float()), *grid)[None].to(latents)
+                             for name, j in self._region_index(adapters, fitted).items() if name not in masked})
+        return unified

@@ -65,14 +65,25 @@ class MivaContext:
         resize = masks.temporal_token_weights if temporal else masks.spatial_token_weights
         return self._cached((name, temporal, tokens), lambda: resize(region, tokens))
 
-    def weighted(self, name: str, weight: float, out: torch.Tensor, temporal: bool = False) -> torch.Tensor:
-        """An adapter's output scaled by its weight and, if it has one, its region (the same region on
-        every stream of a joint M-MIVA pass)."""
-        rows = out.shape[0] // len(self.streams)
-        region = self.region(name, rows if temporal else out.shape[1], temporal)
-        if region is None:
-            return weight * out
-        return out * (weight * region).repeat(len(self.streams), 1, 1).to(out.dtype)
+    def weighted(self, name: str, weight: float, out: torch.Tensor, temporal: bool = False,
+                 stream: int | None = None) -> torch.Tensor:
+        """An adapter's output scaled by its weight and, on the video, by its region if it has one.
+
+        `out` covers every stream of the pass (batch-major: video, then mask clips), or only stream
+        `stream`. An adapter acts on the video and on its own mask clip only, never on another
+        M-MIVA's (as in training, where a mask clip meets only its own adapter)."""
+        streams = self.streams if stream is None else (self.streams[stream],)
+        if len(streams) == 1 and streams[0] is None:
+            pieces = [out]
+        else:
+            pieces = list(out.split(out.shape[0] // len(streams)))
+        for s, (kind, piece) in enumerate(zip(streams, pieces)):
+            if kind is not None:  # a mask clip
+                pieces[s] = weight * piece if kind == name else torch.zeros_like(piece)
+                continue
+            region = self.region(name, piece.shape[0] if temporal else piece.shape[1], temporal)
+            pieces[s] = weight * piece if region is None else piece * (weight * region).to(piece.dtype)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     # -- M-MIVA attention biases (eq. 3, eq. S6) ------------------------------------------------
     def _active_names(self) -> tuple[str, ...]:
@@ -88,7 +99,7 @@ class MivaContext:
     def _unified_at(self, tokens: int) -> torch.Tensor:
         return self._cached(("unified", self._active_names(), tokens), lambda: masks.unify_masks(self._subjects_at(tokens)))
 
-    def self_bias(self, tokens: int) -> torch.Tensor | None:
+    def self_bias(self, tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """The video stream's spatial self-attention bias, (b F, 1, n, n): eq. 3 for one M-MIVA alone,
         eq. S6 on the unified mask S* when several adapters share the frame; None without M-MIVAs."""
         if not self.subjects:
@@ -101,10 +112,10 @@ class MivaContext:
             else:
                 unified = self._unified_at(tokens)
                 bias = masks.unified_bias(unified, unified)
-            return rearrange(bias, "b f n m -> (b f) 1 n m")
-        return self._cached(("self_bias", self._active_names(), tokens), make)
+            return rearrange(bias, "b f n m -> (b f) 1 n m").to(dtype)
+        return self._cached(("self_bias", self._active_names(), tokens, dtype), make)
 
-    def cross_bias(self, name: str, tokens: int, num_frames: int) -> torch.Tensor | None:
+    def cross_bias(self, name: str, tokens: int, num_frames: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Adapter `name`'s CFA bias over frame 1 and frame i-1, (b F, 1, n, 2n): eq. 3 on its own
         subject mask; an unmasked adapter mixed with M-MIVAs uses the background 1(S* = 0) (B.2.1)."""
         if not self.subjects:
@@ -116,8 +127,8 @@ class MivaContext:
             else:
                 subject = (self._unified_at(tokens) == 0).float()
             keys = _reference_frames(rearrange(subject, "b f n -> (b f) 1 n 1"), num_frames)[:, :, 0, :, 0]
-            return rearrange(masks.mask_bias(subject, keys), "b f n m -> (b f) 1 n m")
-        return self._cached(("cross_bias", self._active_names(), name, tokens), make)
+            return rearrange(masks.mask_bias(subject, keys), "b f n m -> (b f) 1 n m").to(dtype)
+        return self._cached(("cross_bias", self._active_names(), name, tokens, dtype), make)
 
 
 class LowRankLinear(nn.Module):
@@ -225,7 +236,6 @@ def _attend(attn, query, key, value, attention_mask=None, bias=None) -> torch.Te
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], query.shape[0])
         mask = mask.view(query.shape[0], attn.heads, -1, mask.shape[-1])
     if bias is not None:
-        bias = bias.to(query.dtype)
         mask = bias if mask is None else mask + bias
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
     return attn.to_out[1](attn.to_out[0](rearrange(out, "b h n d -> b n (h d)")))
@@ -243,6 +253,17 @@ def _reference_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     out[:, 1:, :, n:] = x[:, :-1]
     out[:, :1, :, n:] = x[:, :1]
     return out
+
+
+def _cfa(adapter, cfa_query, cfa_key, ref_value, clip_temb, bias=None) -> torch.Tensor:
+    """One adapter's CFA output (b f, n, c) from its (b f, h, n, d) queries, the (b f, h, 2n, d) keys of
+    frame 1 and frame i-1 and their (b, f, h, 2n, d) values, which φ(c_t) scales by (λ2, λ3) (eq. 2)."""
+    n = ref_value.shape[3] // 2
+    lam = adapter.frame_weights(clip_temb).to(ref_value.dtype)  # (b, 2): λ2, λ3
+    scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]  # (b, 1, 1, 2n, 1)
+    cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
+    cfa = F.scaled_dot_product_attention(cfa_query, cfa_key, cfa_value, attn_mask=bias)
+    return adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)"))
 
 
 class CrossFrameAttnProcessor(nn.Module):
@@ -284,7 +305,7 @@ class CrossFrameAttnProcessor(nn.Module):
         value = _split_heads(attn.to_v(hidden_states), attn.heads)
         n, streams = key.shape[2], context.streams
         rows = key.shape[0] // len(streams)
-        self_bias = context.self_bias(n)
+        self_bias = context.self_bias(n, query.dtype)
         if self_bias is None:
             out = _attend(attn, _split_heads(query, attn.heads), key, value, attention_mask)
         else:  # only the video stream's self-attention is biased by the subject masks (eq. 3 / S6)
@@ -306,25 +327,11 @@ class CrossFrameAttnProcessor(nn.Module):
             else:
                 modules = []
             for name, adapter, weight in modules:
-                bias = context.cross_bias(name, n, num_frames) if stream is None else None
-                cfa = self._cfa(adapter, hidden_states[part], query[part], cfa_key[part], ref_value[clips],
-                                clip_temb[clips], attn.heads, n, bias)
-                pieces[s] = pieces[s] + (self._video_weighted(name, weight, cfa) if stream is None else weight * cfa)
+                bias = context.cross_bias(name, n, num_frames, query.dtype) if stream is None else None
+                cfa_query = _split_heads(adapter.query(hidden_states[part], query[part]), attn.heads)
+                cfa = _cfa(adapter, cfa_query, cfa_key[part], ref_value[clips], clip_temb[clips], bias)
+                pieces[s] = pieces[s] + context.weighted(name, weight, cfa, stream=s)
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-    def _video_weighted(self, name, weight, cfa):
-        region = self.context.region(name, cfa.shape[1])
-        return weight * cfa if region is None else cfa * (weight * region).to(cfa.dtype)
-
-    @staticmethod
-    def _cfa(adapter, hidden_states, query, cfa_key, ref_value, clip_temb, heads, n, bias):
-        lam = adapter.frame_weights(clip_temb).to(ref_value.dtype)  # (b, 2): λ2, λ3
-        scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]  # (b, 1, 1, 2n, 1)
-        cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
-        cfa_query = _split_heads(adapter.query(hidden_states, query), heads)
-        cfa = F.scaled_dot_product_attention(cfa_query, cfa_key, cfa_value,
-                                             attn_mask=None if bias is None else bias.to(cfa_query.dtype))
-        return adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)"))
 
 
 class ImplicitPromptProcessor(nn.Module):
@@ -423,18 +430,13 @@ class WanCrossFrameAttnProcessor(CrossFrameAttnProcessor):
         out = _wan_attend(attn, self.stock, _wan_heads(attn, query, attn.norm_q, rotary_emb), key, value, attention_mask)
 
         per_frame = "b (f n) h d -> (b f) h n d"
-        n = key.shape[1] // num_frames
         cfa_key = rearrange(_reference_frames(rearrange(key, per_frame, f=num_frames), num_frames),
                             "b f h n d -> (b f) h n d")
         ref_value = _reference_frames(rearrange(value, per_frame, f=num_frames), num_frames)
         for name, adapter, weight in active:
-            lam = adapter.frame_weights(clip_temb).to(value.dtype)
-            scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]
-            cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
             cfa_query = _wan_heads(attn, adapter.query(hidden_states, query), attn.norm_q, rotary_emb)
-            cfa = F.scaled_dot_product_attention(rearrange(cfa_query, per_frame, f=num_frames), cfa_key, cfa_value)
-            cfa = adapter.to_out(rearrange(cfa, "bf h n d -> bf n (h d)"))  # (b f, n, c): per latent frame
-            cfa = self.context.weighted(name, weight, cfa)
+            cfa = _cfa(adapter, rearrange(cfa_query, per_frame, f=num_frames), cfa_key, ref_value, clip_temb)
+            cfa = self.context.weighted(name, weight, cfa)  # (b f, n, c): per latent frame
             out = out + rearrange(cfa, "(b f) n c -> b (f n) c", f=num_frames)
         return out
 

@@ -20,13 +20,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from . import masks as masks_lib
 from . import schedules
 from .adapter import attach, check_adapter_name, detach, save_adapter
-from .backends import Base
+from .backends import Base, encode_frames
 from .config import WEIGHTS_NAME, MivaConfig
 from .data import clips_to_tensor
 
@@ -175,9 +174,10 @@ def run_training(
     averages = {k: p.detach().clone() for k, p in params.items()} if ema else {}
     state = TrainState(meta=dict(meta or {}))
     if resume and (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text()).get("meta", {})  # checked before any tensor is read
+        if meta and {k: saved.get(k) for k in meta} != {k: meta[k] for k in meta}:
+            raise ValueError(f"the checkpoint in '{folder}' is from a different run ({saved}); use another --out folder or drop --resume.")
         state, extra = load_checkpoint(ckpt, params, optimizer)
-        if meta and {k: state.meta.get(k) for k in meta} != {k: meta[k] for k in meta}:
-            raise ValueError(f"the checkpoint in '{folder}' is from a different run ({state.meta}); use another --out folder or drop --resume.")
         averages = {k: extra[f"ema.{k}"].to(p) if f"ema.{k}" in extra else p.detach().clone()
                     for k, p in params.items()} if ema else {}  # a run may resume on another device
     elif (ckpt / "state.json").is_file():
@@ -269,10 +269,7 @@ FALLBACK_LR = 1e-3
 
 def encode_clips(encode: Callable[[torch.Tensor], torch.Tensor], clips: list[np.ndarray], chunk: int = 8) -> torch.Tensor:
     """(F, H, W, 3) uint8 clips -> (n, c, F, h, w) latents, `encode` taking (b, 3, H, W) in [-1, 1]."""
-    pixels = clips_to_tensor(clips)  # (n, 3, f, H, W)
-    frames = rearrange(pixels, "n c f h w -> (n f) c h w")
-    latents = torch.cat([encode(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
-    return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
+    return encode_frames(encode, clips_to_tensor(clips), chunk)
 
 
 COLOUR_ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 0, 2))
@@ -294,8 +291,8 @@ class MaskTraining:
     masks — the ground truth with probability p(step) = 0.5 (1 + cos(π step / steps)), else the
     one-step prediction of the masks from the same noisy batch (decoded through the VAE)."""
 
-    def __init__(self, pipe, manager, name: str, masks: list[np.ndarray], steps: int):
-        self.pipe, self.manager, self.name, self.steps = pipe, manager, name, steps
+    def __init__(self, pipe, manager, name: str, masks: list[np.ndarray], steps: int, augment: int = 1):
+        self.pipe, self.manager, self.name, self.steps, self.augment = pipe, manager, name, steps, augment
         pixels = [np.repeat((np.asarray(m, dtype=np.float32) * 255).round().astype(np.uint8)[..., None], 3, -1)
                   for m in masks]
         self.latents = pipe.encode_clips(pixels)  # (n, c, f, h, w)
@@ -304,6 +301,7 @@ class MaskTraining:
 
     def loss(self, latents: torch.Tensor, index: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
         base, b = self.pipe.base, len(index)
+        index = index // self.augment  # colour variant k of clip i is row i * augment + k; masks are per clip
         truth = self.truth[index.to(self.truth.device)]
         use_truth = float(torch.rand((), generator=generator)) < schedules.mask_dropout_probability(step, self.steps)
         timesteps = base.sample_timesteps(b, generator).repeat(2)
@@ -375,9 +373,12 @@ def train_adapter(
     frames = clips[0].shape[0]
     latents = pipe.encode_clips(colour_variants(clips, augment)).to(base.device)  # (n, c, f, h, w)
     if masks is not None:
-        if len(masks) != len(clips) or any(np.shape(m) != c.shape[:3] for m, c in zip(masks, clips)):
-            raise ValueError("an M-MIVA needs one mask sequence per clip, each (frames, height, width) like its clip; "
-                             f"got {len(masks)} for {len(clips)} clips.")
+        if len(masks) != len(clips):
+            raise ValueError(f"an M-MIVA needs one mask sequence per clip; got {len(masks)} for {len(clips)} clips.")
+        for i, (m, c) in enumerate(zip(masks, clips)):
+            if np.shape(m) != c.shape[:3]:
+                raise ValueError(f"the masks of clip {i} are {np.shape(m)} but the clip is {c.shape[:3]}; "
+                                 "give one (frames, height, width) mask per frame.")
     config = config or MivaConfig.for_base(base.id, masked=masks is not None)
     if config.masked and masks is None:
         raise ValueError("an M-MIVA (masked=True) trains from clips with subject masks; pass masks=, one per clip.")
@@ -398,7 +399,7 @@ def train_adapter(
 
         mask_training = None
         if config.masked:
-            mask_training = MaskTraining(pipe, manager, name, [m for m in masks for _ in range(augment)], steps)
+            mask_training = MaskTraining(pipe, manager, name, masks, steps, augment)
 
         def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
             index = torch.randint(0, len(latents), (batch,), generator=generator)
@@ -411,7 +412,9 @@ def train_adapter(
         state = run_training(
             params, loss_fn, steps, out, seed=seed, lr=lr, checkpoint_every=checkpoint_every, resume=resume,
             meta={"what": "adapter", "base": base.id, "motion": motion, "clips": len(clips), "batch": batch,
-                  "seed": seed, "lr": lr, "augment": augment}, callback=callback, should_stop=should_stop,
+                  "seed": seed, "lr": lr, "augment": augment,
+                  # an M-MIVA's mask-dropout schedule depends on the run's length
+                  **({"masked": True, "steps": steps} if config.masked else {})}, callback=callback, should_stop=should_stop,
         )
         base.unet.eval()
         if gradient_checkpointing:

@@ -60,7 +60,7 @@ def test_mask_step_cache_and_tolerance(pipe, first_frame, subject):
         masks = out.subject_masks["m"]
         assert masks.shape == (4, 32, 32) and 0 <= masks.min() and masks.max() <= 1
         assert torch.equal(masks[0], torch.from_numpy(subject))  # frame 0 is the given mask
-    with pytest.raises(ValueError, match="has no step in 0..9"):
+    with pytest.raises(ValueError, match="must include step 0"):
         pipe(first_frame, adapters={"m": 1.0}, masks={"m": subject}, mask_steps=[50], **STEPS)
 
 
@@ -157,3 +157,32 @@ def test_subject_masks_from_a_phrase_need_the_models(tmp_path, capsys, monkeypat
     assert main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(tmp_path / "o"), "--frames", "4",
                  "--steps", "2", "--mask-text", "the square"]) == 2
     assert "not available offline" in capsys.readouterr().err
+
+
+def test_joint_passes_weight_each_adapter_on_the_video_and_its_own_mask_clip(tiny_base):
+    """In a pass holding the video and M-MIVA m's mask clip, a plain adapter's region applies to the
+    video rows (temporal layout (S b h w, F, c) as well as spatial) and it leaves m's mask clip alone."""
+    manager = attach(tiny_base.unet, MivaConfig(base="tiny", masked=True), "m")
+    attach(tiny_base.unet, MivaConfig(base="tiny"), "p")
+    region = torch.zeros(1, 3, 4, 4)
+    region[..., :2] = 1  # left half
+    context = manager.context
+    context.set_regions({"p": region})
+    context.streams = (None, "m")
+    out = torch.ones(2 * 16, 3, 1)  # temporal layout: (S b h w, F, c), S = 2
+    weighted = context.weighted("p", 0.5, out, temporal=True)
+    video = weighted[:16, 0, 0].view(4, 4)
+    assert torch.equal(video[:, :2], torch.full((4, 2), 0.5)) and not video[:, 2:].any()
+    assert not weighted[16:].any()  # m's mask clip: untouched by p
+    assert torch.equal(context.weighted("m", 0.5, out, temporal=True)[16:], torch.full((16, 3, 1), 0.5))
+    spatial = torch.ones(2 * 3, 16, 1)  # (S b F, n, c)
+    assert torch.equal(context.weighted("p", 1.0, spatial)[:3, :, 0], region.flatten(2)[0])
+    context.streams = (None,)
+
+
+def test_a_plain_adapter_in_an_m_miva_mix_acts_on_the_moving_background(pipe, first_frame, subject):
+    attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m")
+    attach(pipe.base.unet, MivaConfig(base="tiny"), "p")
+    out = pipe(first_frame, adapters={"p": 1.0, "m": 1.0}, masks={"m": subject}, **STEPS)
+    predicted = out.subject_masks["m"]
+    assert torch.equal(out.regions, masks_lib.unify_masks([predicted]))  # S* from the predicted masks, not frame 0

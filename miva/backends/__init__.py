@@ -79,9 +79,7 @@ class Base:
 
     def encode_video(self, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """(n, 3, F, H, W) in [-1, 1] -> (n, c, latent_frames(F), h, w) scaled latents."""
-        frames = rearrange(pixels, "n c f h w -> (n f) c h w")
-        latents = torch.cat([self.encode_image(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
-        return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
+        return encode_frames(self.encode_image, pixels, chunk)
 
     def decode_video(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """(1, c, f, h, w) latents -> (F, 3, H, W) pixels in [-1, 1], a few frames at a time."""
@@ -140,6 +138,13 @@ class Base:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+
+def encode_frames(encode_image, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """(n, 3, F, H, W) -> (n, c, F, h, w) with an image encoder taking (b, 3, H, W), `chunk` frames at a time."""
+    frames = rearrange(pixels, "n c f h w -> (n f) c h w")
+    latents = torch.cat([encode_image(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
+    return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
 
 
 BASES = ("toy", "animatediff-v3", "wan2.1-1.3b", "tiny", "tiny-wan")

@@ -79,7 +79,7 @@ class WanBase(Base):
         std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(shape)
         return mean, std
 
-    def encode_video(self, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, F, H, W) in [-1, 1] -> (n, c, (F - 1) / 4 + 1, h, w) normalised latents."""
         latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
         mean, std = self._stats(latents)
@@ -88,7 +88,7 @@ class WanBase(Base):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encode_video(pixels[:, :, None])[:, :, 0]
 
-    def decode_video(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.vae.dtype)
         mean, std = self._stats(latents)
         return self.vae.decode(latents * std + mean).sample[0].transpose(0, 1)  # (F, 3, H, W)
