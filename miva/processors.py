@@ -255,6 +255,20 @@ def _reference_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     return out
 
 
+class _MivaProcessor(nn.Module):
+    """What every MIVA processor holds: the stock processor it replaced, the shared context, and its
+    adapters' modules by name. `check` refuses attention layers the processor cannot serve."""
+
+    check = staticmethod(_check_plain_attention)
+
+    def __init__(self, attn, stock, context: MivaContext):
+        super().__init__()
+        self.check(attn)
+        self.stock = stock  # the processor we replaced: used as-is when no adapter is active
+        self.context = context
+        self.adapters = nn.ModuleDict()
+
+
 def _cfa(adapter, cfa_query, cfa_key, ref_value, clip_temb, bias=None) -> torch.Tensor:
     """One adapter's CFA output (b f, n, c) from its (b f, h, n, d) queries, the (b f, h, 2n, d) keys of
     frame 1 and frame i-1 and their (b, f, h, 2n, d) values, which φ(c_t) scales by (λ2, λ3) (eq. 2)."""
@@ -266,7 +280,7 @@ def _cfa(adapter, cfa_query, cfa_key, ref_value, clip_temb, bias=None) -> torch.
     return adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)"))
 
 
-class CrossFrameAttnProcessor(nn.Module):
+class CrossFrameAttnProcessor(_MivaProcessor):
     """Spatial self-attention plus the CFA of every active adapter (eq. 2 and eq. S4).
 
     An M-MIVA also has a mask stream (§3.4): its own, independently parameterised CFA
@@ -275,11 +289,7 @@ class CrossFrameAttnProcessor(nn.Module):
     """
 
     def __init__(self, attn, stock, context: MivaContext):
-        super().__init__()
-        _check_plain_attention(attn)
-        self.stock = stock  # the processor we replaced: used as-is when no adapter is active
-        self.context = context
-        self.adapters = nn.ModuleDict()
+        super().__init__(attn, stock, context)
         self.mask_adapters = nn.ModuleDict()
 
     def add_adapter(self, name: str, attn, temb_dim: int, rank: int | None, temperature: float,
@@ -334,19 +344,12 @@ class CrossFrameAttnProcessor(nn.Module):
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-class ImplicitPromptProcessor(nn.Module):
+class ImplicitPromptProcessor(_MivaProcessor):
     """Text cross-attention on the base's empty prompt plus every active adapter's implicit prompt.
 
     Keeping the base's empty-prompt cross-attention (rather than dropping it) makes an untrained or
     weight-0 adapter reproduce the base exactly; the implicit prompt is learned on top of it.
     """
-
-    def __init__(self, attn, stock, context: MivaContext):
-        super().__init__()
-        _check_plain_attention(attn)
-        self.stock = stock
-        self.context = context
-        self.adapters = nn.ModuleDict()
 
     def add_adapter(self, name: str, attn, rank: int) -> None:
         weight = attn.to_q.weight
@@ -410,12 +413,7 @@ class WanCrossFrameAttnProcessor(CrossFrameAttnProcessor):
     update and W_O a rank-r product (paper §4: 23.6M).
     """
 
-    def __init__(self, attn, stock, context: MivaContext):
-        nn.Module.__init__(self)
-        _check_wan_attention(attn)
-        self.stock = stock
-        self.context = context
-        self.adapters = nn.ModuleDict()
+    check = staticmethod(_check_wan_attention)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
         active = self.context.active(self.adapters)
@@ -444,12 +442,7 @@ class WanCrossFrameAttnProcessor(CrossFrameAttnProcessor):
 class WanImplicitPromptProcessor(ImplicitPromptProcessor):
     """Wan's text cross-attention on the empty prompt plus every active adapter's implicit prompt."""
 
-    def __init__(self, attn, stock, context: MivaContext):
-        nn.Module.__init__(self)
-        _check_wan_attention(attn)
-        self.stock = stock
-        self.context = context
-        self.adapters = nn.ModuleDict()
+    check = staticmethod(_check_wan_attention)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
         active = self.context.active(self.adapters)
