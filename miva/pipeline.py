@@ -199,17 +199,17 @@ class MivaPipeline:
                 manager.context.streams = (None,)
         return prediction if streams is None else (prediction, torch.cat(outputs[1:]))
 
-    def mask_streams(self, masked: list[str], masks: dict, first_latent: torch.Tensor, num_frames: int, height: int,
-                     width: int, scheduler, generator, num_inference_steps: int, mask_steps, mask_tolerance,
+    def mask_streams(self, masked: list[str], fitted: dict[str, torch.Tensor], first_latent: torch.Tensor,
+                     num_frames: int, scheduler, generator, num_inference_steps: int, mask_steps, mask_tolerance,
                      init: dict) -> MaskStreams:
-        """The M-MIVAs' mask clips: first-frame subject masks from `masks`, the rest initialised like the
-        video (shared noise, DCTInit: "an identical procedure", B.3)."""
-        missing = [name for name in masked if name not in masks]
+        """The M-MIVAs' mask clips: first-frame subject masks from the `fitted` masks of the call, the
+        rest initialised like the video (shared noise, DCTInit: "an identical procedure", B.3)."""
+        missing = [name for name in masked if name not in fitted]
         if missing:
             raise ValueError(f"M-MIVA '{missing[0]}' needs a mask of its subject on the first frame; "
                              f"give masks={{'{missing[0]}': image}} (in the app: its region or phrase in the Mix tab).")
         grid = first_latent.shape[-2:]
-        first_masks = torch.stack([masks_lib.fit_mask(masks[name], num_frames, height, width, name)[0] for name in masked])
+        first_masks = torch.stack([fitted[name][0] for name in masked])
         firsts = self.encode((first_masks[:, None] * 2 - 1).expand(-1, 3, -1, -1))  # (n, c, h, w)
         latents = torch.cat([self.initial_latents(firsts[k : k + 1], self.base.latent_frames(num_frames), scheduler,
                                                   generator, **init)
@@ -315,8 +315,8 @@ class MivaPipeline:
         init = dict(shared_noise_ratio=shared_noise_ratio, dct_init=dct_init, dct_cutoff=dct_cutoff,
                     dct_timestep=dct_timestep)
         latents = self.initial_latents(first, base.latent_frames(num_frames), scheduler, generator, **init).to(base.device)
-        streams = (self.mask_streams(masked, masks, first, num_frames, height, width, scheduler, generator,
-                                     num_inference_steps, mask_steps, mask_tolerance, init) if masked else None)
+        streams = (self.mask_streams(masked, fitted, first, num_frames, scheduler, generator, num_inference_steps,
+                                     mask_steps, mask_tolerance, init) if masked else None)
         manager = adapters_of(base.unet)
         regions = self._set_regions(manager, adapters, fitted, masked, latents) if manager is not None else None
         try:
