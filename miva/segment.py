@@ -155,35 +155,26 @@ class TextSegmenter:
         model.requires_grad_(False)
         return model.to(device=self.device, dtype=self.dtype).eval()
 
+    def _pair(self, name: str, processor_class, model_class):
+        """(processor, frozen model) of `name`, weights from safetensors only."""
+        processor, model = _load(name, processor_class.from_pretrained,
+                                 lambda repo: model_class.from_pretrained(repo, use_safetensors=True))
+        return processor, self._ready(model)
+
     def _load_detector(self):
         from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-        processor, model = _load(
-            self.detector,
-            GroundingDinoProcessor.from_pretrained,
-            lambda name: GroundingDinoForObjectDetection.from_pretrained(name, use_safetensors=True),
-        )
-        return processor, self._ready(model)
+        return self._pair(self.detector, GroundingDinoProcessor, GroundingDinoForObjectDetection)
 
     def _load_image_segmenter(self):
         from transformers import Sam2Model, Sam2Processor
 
-        processor, model = _load(
-            self.segmenter,
-            Sam2Processor.from_pretrained,
-            lambda name: Sam2Model.from_pretrained(name, use_safetensors=True),
-        )
-        return processor, self._ready(model)
+        return self._pair(self.segmenter, Sam2Processor, Sam2Model)
 
     def _load_video_segmenter(self):
         from transformers import Sam2VideoModel, Sam2VideoProcessor
 
-        processor, model = _load(
-            self.segmenter,
-            Sam2VideoProcessor.from_pretrained,
-            lambda name: Sam2VideoModel.from_pretrained(name, use_safetensors=True),
-        )
-        return processor, self._ready(model)
+        return self._pair(self.segmenter, Sam2VideoProcessor, Sam2VideoModel)
 
     # -- detection ---------------------------------------------------------------------------------
     @torch.no_grad()
