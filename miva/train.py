@@ -39,12 +39,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator, min_snr: float | None = None,
                    timesteps: torch.Tensor | None = None,
-                   before_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                   before_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                   prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss on (b, c, f, h, w) clean latents; frame 0 stays clean and is not in the loss.
 
     The target follows the base's schedule (ε, v or the clean sample; the flow for flow matching); `min_snr` applies
     Min-SNR-γ loss weighting (Hang et al. 2023); None (the paper's setting) is plain MSE.
     `before_forward(noisy, timesteps, first)` runs after noising, before the denoiser (M-MIVA sets its masks there).
+    `prompt_embeds` (1 or b, tokens, d) defaults to the empty prompt, which is what MIVAs train on.
     """
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -56,7 +58,8 @@ def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator
     noisy[:, :, 0] = first  # the clean first frame, as at sampling time
     if before_forward is not None:
         before_forward(noisy, timesteps, first)
-    pred = base.model_output(base.denoise(base.model_input(noisy, first), timesteps, base.null_prompt_embeds), first)
+    prompt = base.null_prompt_embeds if prompt_embeds is None else prompt_embeds
+    pred = base.model_output(base.denoise(base.model_input(noisy, first), timesteps, prompt), first)
     target = base.training_target(latents, noise, timesteps)
     per_clip = (pred[:, :, 1:] - target[:, :, 1:]).pow(2).mean(dim=(1, 2, 3, 4))  # (b,)
     if min_snr is not None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from miva.pipeline import MivaPipeline
-from miva.toy.base import PixelShuffleVAE, export_checkpoint, load_toy, new_toy, save_toy
+from miva.toy.base import PixelShuffleVAE, export_checkpoint, load_toy, new_toy, save_toy, toy_parameters
 import numpy as np
 
 from miva.toy.train_base import Prefetcher, base_batch, base_clips
@@ -35,8 +35,8 @@ def test_prefetching_workers_render_the_same_batches():
 
 
 def test_save_load_and_sample(tmp_path):
-    unet, prompt = new_toy(seed=3)
-    save_toy(unet, prompt, tmp_path / "toy")
+    unet, prompt, text = new_toy(seed=3)
+    save_toy(unet, prompt, tmp_path / "toy", text=text)
     base = load_toy(tmp_path / "toy")
     assert base.concat_first_frame and base.unet.config.in_channels == 24
     assert all(torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), unet.state_dict().values()))
@@ -49,8 +49,7 @@ def test_save_load_and_sample(tmp_path):
 
 
 def test_export_takes_the_ema_weights(tmp_path):
-    unet, prompt = new_toy()
-    params = {f"unet.{k}": p for k, p in unet.named_parameters()} | {"null_prompt_embeds": prompt}
+    params = toy_parameters(*new_toy())
     run_training(params, lambda step, gen: sum(p.pow(2).sum() for p in params.values()) * 1e-6, 2, tmp_path,
                  checkpoint_every=1, ema=0.5, meta={"what": "toy-base"})
     base = load_toy(export_checkpoint(tmp_path))
@@ -60,3 +59,62 @@ def test_export_takes_the_ema_weights(tmp_path):
 def test_missing_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m miva.toy train-base"):
         load_toy(tmp_path)
+
+
+def test_text_encoder_names_motions_and_keeps_the_empty_prompt(tmp_path):
+    from miva.toy.base import UNNAMED, motion_prompt
+
+    assert motion_prompt("move-up-left") == "move up left" and motion_prompt("camera-zoom-in") == "camera zoom in"
+    assert [motion_prompt(m) for m in UNNAMED] == [""]
+    unet, prompt, text = new_toy(seed=1)
+    save_toy(unet, prompt, tmp_path / "toy", text=text)
+    base = load_toy(tmp_path / "toy")
+    embeds = base.prompt_embeds(["", "move left", "rotate-cw"])
+    assert embeds.shape == (3, 4, 64) and torch.equal(embeds[0], base.null_prompt_embeds[0])
+    assert torch.equal(embeds[1, 2:], base.null_prompt_embeds[0, 2:]) and not torch.equal(embeds[1], embeds[2])
+    with pytest.raises(ValueError, match="no word 'wiggle'"):
+        base.prompt_embeds(["wiggle left"])
+    with pytest.raises(ValueError, match="at most 4 words"):
+        base.prompt_embeds(["move up left right down"])
+    # one prompt per clip is the same as each clip alone
+    x = torch.randn(2, 24, 3, 16, 16)
+    both = base.denoise(x, torch.tensor([500, 500]), embeds[1:])
+    alone = torch.cat([base.denoise(x[i:i + 1], torch.tensor([500]), embeds[i + 1:i + 2]) for i in range(2)])
+    assert torch.allclose(both, alone, atol=1e-5)
+
+
+def test_a_base_without_text_accepts_only_the_empty_prompt(tmp_path):
+    unet, prompt, _ = new_toy()
+    save_toy(unet, prompt, tmp_path / "toy")  # weights from before the text encoder
+    base = load_toy(tmp_path / "toy")
+    assert torch.equal(base.prompt_embeds([""])[0], base.null_prompt_embeds[0])
+    with pytest.raises(ValueError, match="without its text encoder; leave the prompt empty"):
+        base.prompt_embeds(["move left"])
+
+
+def test_captions_are_seeded_and_dropped_at_the_given_rate():
+    from miva.toy.train_base import base_motions, base_prompts
+
+    assert base_prompts(3, 17, 0.0) == [m.replace("-", " ") if m != "bounce" else "" for m in base_motions(3, 17)]
+    assert base_prompts(4, 64, 0.5) == base_prompts(4, 64, 0.5) != base_prompts(5, 64, 0.5)
+    assert set(base_prompts(4, 64, 1.0)) == {""}
+    dropped = np.mean([p == "" for s in range(20) for p in base_prompts(s, 64, 0.2)])
+    assert 0.2 < dropped < 0.3  # 0.2 plus the unnamed bounce clips (1 in 17)
+
+
+def test_train_base_from_init_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from miva.toy.train_base import main
+
+    unet, prompt, text = new_toy(seed=5)
+    save_toy(unet, prompt, tmp_path / "init", text=text)
+    main(["--init", str(tmp_path / "init"), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "2",
+          "--warmup", "1", "--threads", "1", "--device", "cpu"])
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    fresh = new_toy(seed=0)[0].conv_in.weight.detach()  # what the run starts from without --init
+    assert torch.allclose(trained["unet.conv_in.weight"], unet.conv_in.weight.detach(), atol=1e-3)
+    assert not torch.allclose(trained["unet.conv_in.weight"], fresh, atol=1e-3)
+    assert torch.allclose(trained["text.words"], text.words.detach(), atol=1e-3)
+    with pytest.raises(SystemExit):
+        main(["--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "run2"), "--steps", "1"])

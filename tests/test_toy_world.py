@@ -195,3 +195,16 @@ def _time(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def test_moving_objects_keeps_the_others_still():
+    config = WorldConfig(num_objects=2, moving_objects=1)
+    clip = make_clip("move-left", 7, config)
+    mover, other = clip.params["objects"]
+    assert mover["motion"] == "move-left" and other["motion"] == "still"
+    assert mover["centres"][-1][0] < mover["centres"][0][0] - 10
+    assert np.allclose(other["centres"], other["centres"][0])
+    everyone = make_clip("move-left", 7, WorldConfig(num_objects=2))
+    assert everyone.params["objects"][0]["shape"] == mover["shape"]  # same appearance draws
+    with pytest.raises(ValueError, match="moving_objects must be 0..num_objects"):
+        WorldConfig(num_objects=2, moving_objects=3)

@@ -12,6 +12,7 @@ frames, how clips are encoded and decoded, how the denoiser is called, and the n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class Base:
     vae_scale_factor: int = 0  # pixels per latent pixel; 0: derived from an AutoencoderKL config
     concat_first_frame: bool = False  # the UNet also takes the clean first-frame latent as input channels
     residual_to_first_frame: bool = False  # x0-predicting UNet outputs the offset from the first frame
+    encode_prompts: Callable[[list[str]], torch.Tensor] | None = None  # kept only where text is cheap (the toy base)
 
     def __post_init__(self) -> None:
         if not self.vae_scale_factor:
@@ -92,9 +94,20 @@ class Base:
         return regions
 
     # -- the denoiser and its noise schedule (DDPM family) --------------------------------------
+    def prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), tokens, d) text embeddings; MIVAs never need them (they run on the empty prompt)."""
+        if all(not p for p in prompts):
+            return self.null_prompt_embeds.expand(len(prompts), -1, -1)
+        if self.encode_prompts is None:
+            raise ValueError(f"base '{self.id}' was loaded without its text encoder; leave the prompt empty.")
+        return self.encode_prompts(prompts)
+
     def denoise(self, model_input: torch.Tensor, timestep, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The denoiser's raw output for (b, c, f, h, w) input; UNetMotionModel wants prompts per frame."""
-        embeds = prompt_embeds.expand(model_input.shape[0] * model_input.shape[2], -1, -1)  # (b f, tokens, d)
+        """The denoiser's raw output for (b, c, f, h, w) input and one prompt, or one per clip;
+        UNetMotionModel wants prompts per frame."""
+        b, f = model_input.shape[0], model_input.shape[2]
+        embeds = (prompt_embeds.expand(b * f, -1, -1) if prompt_embeds.shape[0] == 1
+                  else prompt_embeds.repeat_interleave(f, dim=0))  # (b f, tokens, d)
         return self.unet(model_input, timestep, encoder_hidden_states=embeds).sample
 
     def noise_levels(self, timesteps: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,13 @@ Same diffusers classes as the real backend, with three stand-ins, each chosen so
 spends its capacity on motion rather than on things the real base gets from pre-training:
 * VAE: an exact, invertible 2x pixel-unshuffle (`PixelShuffleVAE`): 32x32x3 -> 12x16x16. A learned
   tiny VAE would add reconstruction error to every frame we measure; this adds none.
-* Text: a learned "empty prompt" embedding trained with the UNet (no text encoder to download).
+* Text: a tiny text encoder trained with the UNet (nothing to download): a learned "empty prompt"
+  and a word table over the words that name the toy world's motions ("move up left", "camera zoom
+  in"), as a real text-to-video base knows motion words. MIVAs never use it (they replace text,
+  §3.3.2); it gives the base a motion prior to sample from instead of the average of all motions,
+  which drew static objects with faint copies. 'bounce' is left unnamed on purpose (`UNNAMED`): the
+  base sees bounce clips under the empty prompt only, so a bounce MIVA shows learning the base
+  cannot be told.
 * Prediction: the clean sample (x0), see `toy_scheduler`.
 * Output: the UNet predicts the clean clip as an offset from the first frame, with `conv_out`
   zero-initialised, so an untrained base already copies frame 0 into every frame (clean, static)
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from diffusers import DDIMScheduler, UNetMotionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
@@ -36,6 +43,41 @@ from ..train import read_checkpoint_tensors
 BASE_ID = "toy-v1"
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "toy-base"
 SIZE, FRAMES = 32, 16
+PROMPT_TOKENS, PROMPT_DIM = 4, 64
+WORDS = ("move", "left", "right", "up", "down", "rotate", "cw", "ccw", "scale", "camera", "pan", "zoom", "in", "out")
+UNNAMED = ("bounce",)  # motions the toy text encoder has no words for
+
+
+def motion_prompt(motion: str) -> str:
+    """The toy base's prompt for a toy-world motion: 'move-up-left' -> 'move up left'; '' if unnamed."""
+    return "" if motion in UNNAMED else motion.replace("-", " ")
+
+
+class ToyTextEncoder(nn.Module):
+    """Prompt -> (tokens, d) embeddings: word i's vector plus position i's, then the empty prompt's tokens.
+
+    The empty prompt ("") is exactly the learned null embedding, which is what MIVAs run on.
+    """
+
+    def __init__(self, dim: int = PROMPT_DIM, tokens: int = PROMPT_TOKENS):
+        super().__init__()
+        self.words = nn.Parameter(torch.randn(len(WORDS), dim) * 0.02)
+        self.positions = nn.Parameter(torch.zeros(tokens, dim))
+
+    def forward(self, prompts: list[str], null: torch.Tensor) -> torch.Tensor:
+        """(len(prompts), tokens, d) embeddings; `null` is the (1, tokens, d) empty prompt."""
+        rows = []
+        for prompt in prompts:
+            words = prompt.lower().replace("-", " ").split()
+            unknown = [w for w in words if w not in WORDS]
+            if unknown:
+                raise ValueError(f"the toy base has no word {unknown[0]!r}; use words from {', '.join(WORDS)}, or no prompt.")
+            if len(words) > len(self.positions):
+                raise ValueError(f"the toy base reads at most {len(self.positions)} words; '{prompt}' has {len(words)}.")
+            index = torch.tensor([WORDS.index(w) for w in words], dtype=torch.long, device=self.words.device)
+            named = self.words[index] + self.positions[: len(words)]
+            rows.append(torch.cat([named.to(null), null[0, len(words):]]))
+        return torch.stack(rows)
 
 
 class PixelShuffleVAE(ModelMixin, ConfigMixin):
@@ -88,24 +130,46 @@ def toy_scheduler() -> DDIMScheduler:
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, prediction_type="sample", **SCHEDULER_OVERRIDES)
 
 
-def new_toy(seed: int = 0) -> tuple[UNetMotionModel, torch.nn.Parameter]:
-    """A freshly initialised toy UNet and its learned empty-prompt embedding (1, 4, 64)."""
+def new_toy(seed: int = 0) -> tuple[UNetMotionModel, torch.nn.Parameter, ToyTextEncoder]:
+    """A freshly initialised toy UNet, its learned empty-prompt embedding (1, 4, 64) and text encoder."""
     unet_config, adapter_config = toy_configs()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(unet_config, adapter_config)
-        prompt = torch.nn.Parameter(torch.randn(1, 4, unet_config["cross_attention_dim"]) * 0.02)
+        prompt = torch.nn.Parameter(torch.randn(1, PROMPT_TOKENS, PROMPT_DIM) * 0.02)
+        text = ToyTextEncoder()
     with torch.no_grad():  # output = offset from the first frame, zero at the start: a fresh base copies frame 0
         unet.conv_out.weight.zero_()
         unet.conv_out.bias.zero_()
-    return unet, prompt
+    return unet, prompt, text
 
 
-def save_toy(unet, prompt: torch.Tensor, folder: str | Path, card: dict | None = None) -> Path:
+def toy_parameters(unet, prompt: torch.nn.Parameter, text: ToyTextEncoder) -> dict[str, torch.nn.Parameter]:
+    """Everything the toy base trains, by the names its weights file and checkpoints use."""
+    return ({f"unet.{k}": p for k, p in unet.named_parameters()} | {"null_prompt_embeds": prompt}
+            | {f"text.{k}": p for k, p in text.named_parameters()})
+
+
+def load_toy_weights(tensors: dict[str, torch.Tensor], unet, prompt: torch.Tensor, text: ToyTextEncoder,
+                     prefix: str = "") -> None:
+    """Copy `prefix`-named tensors of a weights file or checkpoint into the toy's modules (text if present)."""
+    unet.load_state_dict({k[len(prefix) + 5:]: v for k, v in tensors.items() if k.startswith(prefix + "unet.")},
+                         strict=not prefix)  # checkpoints hold parameters only: buffers are rebuilt
+    with torch.no_grad():
+        prompt.copy_(tensors[prefix + "null_prompt_embeds"])
+        for k, p in text.named_parameters():
+            if prefix + f"text.{k}" in tensors:  # weights from before the text encoder keep its fresh init
+                p.copy_(tensors[prefix + f"text.{k}"])
+
+
+def save_toy(unet, prompt: torch.Tensor, folder: str | Path, card: dict | None = None,
+             text: ToyTextEncoder | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
     tensors["null_prompt_embeds"] = prompt.detach().cpu().contiguous()
+    if text is not None:
+        tensors |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in text.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"base": BASE_ID})
     unet_config, adapter_config = toy_configs()
     (folder / "config.json").write_text(json.dumps(
@@ -120,18 +184,15 @@ def export_checkpoint(folder: str | Path = ASSET, card: dict | None = None) -> P
         raise FileNotFoundError(f"no training checkpoint in '{folder}'; run `python -m miva.toy train-base` first.")
     tensors = read_checkpoint_tensors(folder / "checkpoint")
     info = json.loads((folder / "checkpoint" / "state.json").read_text())
-    unet, prompt = new_toy()
-    ema = {k[len("extra.ema.unet."):]: v for k, v in tensors.items() if k.startswith("extra.ema.unet.")}
-    missing = set(dict(unet.named_parameters())) - set(ema)
+    unet, prompt, text = new_toy()
+    missing = [k for k in toy_parameters(unet, prompt, text) if f"extra.ema.{k}" not in tensors]
     if missing:
         raise ValueError(f"the checkpoint in '{folder}' lacks EMA weights for {len(missing)} parameters; it is not a toy-base run.")
-    unet.load_state_dict(ema, strict=False)  # buffers (positional encodings) are rebuilt, not trained
-    with torch.no_grad():
-        prompt.copy_(tensors["extra.ema.null_prompt_embeds"])
+    load_toy_weights(tensors, unet, prompt, text, prefix="extra.ema.")
     losses = info["losses"]
     card = {"trained_steps": info["step"], "seconds": round(info["seconds"]), **info["meta"],
             "final_loss_smoothed": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5), **(card or {})}
-    return save_toy(unet, prompt, folder, card)
+    return save_toy(unet, prompt, folder, card, text)
 
 
 def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> Base:
@@ -141,16 +202,19 @@ def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> B
     if not weights.is_file():
         raise FileNotFoundError(f"toy base weights '{weights}' are missing; train them with `python -m miva.toy train-base`.")
     tensors = load_file(str(weights))
-    unet, _ = new_toy()
-    unet.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
+    unet, prompt, text = new_toy()
+    load_toy_weights(tensors, unet, prompt, text)
     unet.requires_grad_(False).eval()
+    text.requires_grad_(False)
+    null = prompt.detach().to(device=device, dtype=dtype)
+    text.to(device=device, dtype=dtype)
     with quiet_diffusers():
         unet.to(device=device, dtype=dtype)
     with quiet_diffusers():
         vae = PixelShuffleVAE().to(device=device, dtype=dtype)
     return Base(
         id=BASE_ID, unet=unet, vae=vae, scheduler=toy_scheduler(),
-        null_prompt_embeds=tensors["null_prompt_embeds"].to(device=device, dtype=dtype),
+        null_prompt_embeds=null, encode_prompts=(lambda prompts: text(prompts, null)) if "text.words" in tensors else None,
         height=SIZE, width=SIZE, frames=FRAMES, description="embedded toy base (32x32 toy world)",
         vae_scale_factor=2, concat_first_frame=True, residual_to_first_frame=True,
     )

@@ -4,6 +4,11 @@ Seeded and resumable: step s always sees the clips with seeds s * batch ... s * 
 and the noise of `step_generator(seed, s)`, so stopping and resuming changes nothing. Checkpoints
 (parameters, AdamW moments, EMA) go to OUT/checkpoint every --checkpoint-every steps; the EMA
 weights are exported to OUT/model.safetensors, which `load_toy` reads.
+
+Each clip is captioned with its motion's words (`motion_prompt`), replaced by the empty prompt with
+probability --text-dropout (decided per step and clip from the seed, so resuming still changes
+nothing); the empty prompt is what MIVAs run on. `--init FOLDER` starts from an exported base's
+weights (a new run: fresh optimiser, step 0).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from tqdm import tqdm
 
 from ..backends import Base
 from ..train import diffusion_loss, encode_clips, plot_losses, run_training
-from .base import ASSET, BASE_ID, FRAMES, SIZE, PixelShuffleVAE, export_checkpoint, new_toy, toy_scheduler
+from safetensors.torch import load_file
+
+from .base import (ASSET, BASE_ID, FRAMES, SIZE, PixelShuffleVAE, export_checkpoint, load_toy_weights, motion_prompt,
+                   new_toy, toy_parameters, toy_scheduler)
 from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, WorldConfig, make_clip
 
 BASE_MOTIONS = OBJECT_MOTIONS + CAMERA_MOTIONS
@@ -28,10 +36,20 @@ WORLD = WorldConfig(size=SIZE, frames=FRAMES)
 VAE = PixelShuffleVAE()
 
 
+def base_motions(step: int, batch: int) -> list[str]:
+    """The motions of training step `step`'s clips (clip seed s has motion s mod 17)."""
+    return [BASE_MOTIONS[seed % len(BASE_MOTIONS)] for seed in range(step * batch, (step + 1) * batch)]
+
+
 def base_clips(step: int, batch: int) -> list[np.ndarray]:
     """The (F, H, W, 3) uint8 clips of training step `step`: random motions, deterministic in `step`."""
-    seeds = range(step * batch, (step + 1) * batch)
-    return [make_clip(BASE_MOTIONS[seed % len(BASE_MOTIONS)], seed, WORLD).frames for seed in seeds]
+    return [make_clip(motion, step * batch + i, WORLD).frames for i, motion in enumerate(base_motions(step, batch))]
+
+
+def base_prompts(step: int, batch: int, dropout: float, seed: int = 0) -> list[str]:
+    """Step `step`'s captions: each clip's motion words, or '' with probability `dropout` (seeded by step)."""
+    keep = np.random.default_rng([seed, step]).random(batch) >= dropout
+    return [motion_prompt(m) if k else "" for m, k in zip(base_motions(step, batch), keep)]
 
 
 def _encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -86,6 +104,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="processes rendering clips ahead (0: inline)")
     parser.add_argument("--minutes", type=float, default=None, help="checkpoint and stop after this long")
+    parser.add_argument("--text-dropout", type=float, default=0.2, help="share of clips trained on the empty prompt")
+    parser.add_argument("--init", type=Path, default=None, help="start from this exported base folder's weights")
+    parser.add_argument("--warmup", type=int, default=100)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,13 +114,19 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clips = Prefetcher(args.batch, args.workers)  # before CUDA starts: the workers are forked
 
-    unet, prompt = new_toy(args.seed)
+    unet, prompt, text = new_toy(args.seed)
+    if args.init:
+        weights = args.init / "model.safetensors"
+        if not weights.is_file():
+            parser.error(f"--init {args.init} holds no model.safetensors; give a folder written by `python -m miva.toy export`.")
+        load_toy_weights(load_file(str(weights)), unet, prompt, text)
     unet.to(args.device).train()
+    text.to(args.device)
     prompt = torch.nn.Parameter(prompt.detach().to(args.device))
     base = Base(id=BASE_ID, unet=unet, vae=VAE, scheduler=toy_scheduler(), null_prompt_embeds=prompt,
                 height=SIZE, width=SIZE, frames=FRAMES, vae_scale_factor=2, concat_first_frame=True,
-                residual_to_first_frame=True)
-    params = {f"unet.{k}": p for k, p in unet.named_parameters()} | {"null_prompt_embeds": prompt}
+                residual_to_first_frame=True, encode_prompts=lambda prompts: text(prompts, prompt))
+    params = toy_parameters(unet, prompt, text)
     bar = tqdm(total=args.steps, desc="toy base", unit="step")
 
     def progress(step, total, loss, eta):
@@ -108,14 +135,17 @@ def main(argv=None) -> None:
         bar.refresh()
 
     def loss(step, gen):
-        return diffusion_loss(base, encode_clips(_encode, clips(step)).to(args.device), gen)
+        latents = encode_clips(_encode, clips(step)).to(args.device)
+        embeds = base.prompt_embeds(base_prompts(step, args.batch, args.text_dropout, args.seed))
+        return diffusion_loss(base, latents, gen, prompt_embeds=embeds)
 
     started = time.perf_counter()
     stop = (lambda: time.perf_counter() - started > args.minutes * 60) if args.minutes else None
     state = run_training(
         params, loss, args.steps, args.out,
-        seed=args.seed, lr=args.lr, weight_decay=0.01, warmup=100, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, meta={"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr},
+        seed=args.seed, lr=args.lr, weight_decay=0.01, warmup=args.warmup, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, meta={"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr,
+                                  "text_dropout": args.text_dropout, "init": str(args.init) if args.init else None},
         callback=progress, ema=args.ema, should_stop=stop,
     )
     bar.close()

@@ -22,7 +22,8 @@ Conventions (shared with `miva.metrics`):
 - A camera move over a flat world looks exactly like moving objects, so camera motions use
   `camera_background` ("texture" by default) instead of `background`.
 - `random`: each object gets its own motion from OBJECT_MOTIONS (base-model training); the
-  camera stays still. `rotate-*` turn `rotation_speed` deg/frame, `scale-*` multiply the size
+  camera stays still. `moving_objects=N` keeps all but the first N objects still (what teaches an
+  M-MIVA to move its region and nothing else). `rotate-*` turn `rotation_speed` deg/frame, `scale-*` multiply the size
   by (1 +- scale_rate) per frame, both about the object's centre.
 - Rotating circles show nothing, so `rotate-*` never draws circles (squares are used instead when
   circles are the only shape).
@@ -58,6 +59,7 @@ class WorldConfig:
     size: int = 32
     frames: int = 16
     num_objects: int = 1
+    moving_objects: int | None = None  # only the first N objects take the clip's motion, the rest stay still; None: all
     background: str = "flat"  # "flat" | "texture" (smooth low-contrast sinusoids)
     camera_background: str | None = "texture"  # background for camera motions; None = `background`
     object_texture: bool = False  # subtle stripes inside shapes so rotation is visible
@@ -77,6 +79,8 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.num_objects <= 3:
             raise ValueError(f"num_objects must be 1..3, not {self.num_objects}")
+        if self.moving_objects is not None and not 0 <= self.moving_objects <= self.num_objects:
+            raise ValueError(f"moving_objects must be 0..num_objects ({self.num_objects}) or None, not {self.moving_objects}")
         if self.background not in ("flat", "texture") or self.camera_background not in ("flat", "texture", None):
             raise ValueError("background / camera_background must be 'flat' or 'texture'")
         unknown = set(self.shapes) | set(self.heldout_shapes)
@@ -202,6 +206,8 @@ def _layout(motion: str, seed: int, cfg: WorldConfig, split: str, F: int) -> dic
             obj_motion = OBJECT_MOTIONS[pos.integers(len(OBJECT_MOTIONS))]
         elif is_camera or motion == _STILL:
             obj_motion = _STILL
+        if cfg.moving_objects is not None and k >= cfg.moving_objects:
+            obj_motion = _STILL  # after the draw above, so the other objects' draws do not shift
         pool = shape_pool
         if obj_motion.startswith("rotate"):
             pool = tuple(s for s in shape_pool if s != "circle") or ("square",)
