@@ -1,5 +1,7 @@
 """The toy base's pieces: exact pixel-shuffle VAE, save/export/load, first-frame conditioning."""
 
+import json
+
 import pytest
 import torch
 
@@ -110,7 +112,12 @@ def test_train_base_from_init_weights(tmp_path):
     unet, prompt, text = new_toy(seed=5)
     save_toy(unet, prompt, tmp_path / "init", text=text)
     main(["--init", str(tmp_path / "init"), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "2",
-          "--warmup", "1", "--threads", "1", "--device", "cpu"])
+          "--warmup", "1", "--threads", "1", "--device", "cpu", "--zero-snr"])
+    schedule = load_toy(tmp_path / "run").scheduler  # the schedule it was trained on travels with the weights
+    assert schedule.config.rescale_betas_zero_snr and schedule.alphas_cumprod[-1] < 1e-6
+    assert not load_toy(tmp_path / "init").scheduler.config.rescale_betas_zero_snr
+    frames = MivaPipeline(load_toy(tmp_path / "run"))(torch.rand(3, 32, 32), num_frames=4, num_inference_steps=3, seed=0).frames
+    assert frames.shape == (4, 32, 32, 3)  # sampling starts from pure noise at t = T
     trained = load_file(str(tmp_path / "run" / "model.safetensors"))
     fresh = new_toy(seed=0)[0].conv_in.weight.detach()  # what the run starts from without --init
     assert torch.allclose(trained["unet.conv_in.weight"], unet.conv_in.weight.detach(), atol=1e-3)
@@ -118,3 +125,23 @@ def test_train_base_from_init_weights(tmp_path):
     assert torch.allclose(trained["text.words"], text.words.detach(), atol=1e-3)
     with pytest.raises(SystemExit):
         main(["--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "run2"), "--steps", "1"])
+
+
+def test_the_shipped_checkpoint_resumes_with_the_documented_command(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from miva.toy.base import ASSET
+    from miva.toy.train_base import main
+
+    shutil.copytree(ASSET / "checkpoint", tmp_path / "checkpoint")
+    steps = json.loads((ASSET / "config.json").read_text())["trained_steps"]
+    # assets/toy-base/README.md: train-base --batch 64 --text-dropout 1 --resume (here with no steps left)
+    main(["--out", str(tmp_path), "--batch", "64", "--text-dropout", "1", "--resume", "--steps", str(steps),
+          "--device", "cpu"])
+    exported, shipped = load_file(str(tmp_path / "model.safetensors")), load_file(str(ASSET / "model.safetensors"))
+    assert exported.keys() == shipped.keys()
+    assert all(torch.equal(exported[k], shipped[k]) for k in shipped if not k.endswith(".pe"))
+    # the motion modules' sinusoidal tables are rebuilt, not saved by training: computed on the GPU they differ by 1e-6
+    assert all(torch.allclose(exported[k], shipped[k], atol=1e-5) for k in shipped if k.endswith(".pe"))

@@ -90,6 +90,15 @@ class Prefetcher:
             self.pool.shutdown(cancel_futures=True)
 
 
+def run_meta(args) -> dict:
+    """What identifies a run (checked on --resume); options at their toy-v1 values are left out, so
+    toy-v1's checkpoint resumes with `--text-dropout 1`."""
+    meta = {"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr}
+    optional = {"text_dropout": (args.text_dropout, 1.0), "init": (str(args.init) if args.init else None, None),
+                "zero_snr": (args.zero_snr, False)}
+    return meta | {k: value for k, (value, old) in optional.items() if value != old}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m miva.toy train-base", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ASSET)
@@ -107,6 +116,7 @@ def main(argv=None) -> None:
     parser.add_argument("--text-dropout", type=float, default=0.2, help="share of clips trained on the empty prompt")
     parser.add_argument("--init", type=Path, default=None, help="start from this exported base folder's weights")
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--zero-snr", action="store_true", help="train on the zero-terminal-SNR schedule (see toy_scheduler)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,10 +133,11 @@ def main(argv=None) -> None:
     unet.to(args.device).train()
     text.to(args.device)
     prompt = torch.nn.Parameter(prompt.detach().to(args.device))
-    base = Base(id=BASE_ID, unet=unet, vae=VAE, scheduler=toy_scheduler(), null_prompt_embeds=prompt,
+    base = Base(id=BASE_ID, unet=unet, vae=VAE, scheduler=toy_scheduler(args.zero_snr), null_prompt_embeds=prompt,
                 height=SIZE, width=SIZE, frames=FRAMES, vae_scale_factor=2, concat_first_frame=True,
                 residual_to_first_frame=True, encode_prompts=lambda prompts: text(prompts, prompt))
-    params = toy_parameters(unet, prompt, text)
+    captions = args.text_dropout < 1  # --text-dropout 1: the empty prompt only, as toy-v1 was trained
+    params = {k: v for k, v in toy_parameters(unet, prompt, text).items() if captions or not k.startswith("text.")}
     bar = tqdm(total=args.steps, desc="toy base", unit="step")
 
     def progress(step, total, loss, eta):
@@ -144,8 +155,7 @@ def main(argv=None) -> None:
     state = run_training(
         params, loss, args.steps, args.out,
         seed=args.seed, lr=args.lr, weight_decay=0.01, warmup=args.warmup, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, meta={"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr,
-                                  "text_dropout": args.text_dropout, "init": str(args.init) if args.init else None},
+        resume=args.resume, meta=run_meta(args),
         callback=progress, ema=args.ema, should_stop=stop,
     )
     bar.close()
