@@ -7,9 +7,10 @@ spends its capacity on motion rather than on things the real base gets from pre-
 * Text: a tiny text encoder trained with the UNet (nothing to download): a learned "empty prompt"
   and a word table over the words that name the toy world's motions ("move up left", "camera zoom
   in"), as a real text-to-video base knows motion words. MIVAs never use it (they replace text,
-  §3.3.2); it gives the base a motion prior to sample from instead of the average of all motions,
-  which drew static objects with faint copies. 'bounce' is left unnamed on purpose (`UNNAMED`): the
-  base sees bounce clips under the empty prompt only, so a bounce MIVA shows learning the base
+  §3.3.2); it lets us measure whether the base can be steered at all (`train-base --text-dropout`).
+  The shipped toy-v1 was trained on the empty prompt only and has no word table; a captioned
+  fine-tune did not yet obey its words (README). 'bounce' is left unnamed on purpose (`UNNAMED`):
+  the base sees bounce clips under the empty prompt only, so a bounce MIVA shows learning the base
   cannot be told.
 * Prediction: the clean sample (x0), see `toy_scheduler`.
 * Output: the UNet predicts the clean clip as an offset from the first frame, with `conv_out`

@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..backends import Base
 from ..train import diffusion_loss, encode_clips, plot_losses, run_training
-from safetensors.torch import load_file
-
 from .base import (ASSET, BASE_ID, FRAMES, SIZE, PixelShuffleVAE, export_checkpoint, load_toy_weights, motion_prompt,
                    new_toy, toy_parameters, toy_scheduler)
 from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, WorldConfig, make_clip
