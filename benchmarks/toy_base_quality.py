@@ -7,7 +7,8 @@ one object of plausible size (miva.metrics.coherence), `shape_kept` = fraction o
 object area stays within 0.6x-1.6x of frame 0's, and the motion the base happens to produce.
 Then, for a base with its text encoder, the same held-out stills with a motion named in words
 (`motion_prompt`, cycling through the named motions): coherence, and `obeys` = fraction whose
-classified motion is the one named. MIVAs never use text; this says what prior they steer.
+classified motion is the one named, and how often another named motion with the same seed draws
+the same classified motion. MIVAs never use text; this says what prior they steer.
 Writes a grid of sampled clips (GIF) to --grid. Last line: `coherence X shape_kept Y` (train split).
 """
 
@@ -84,15 +85,24 @@ def main() -> None:
             save_video(grid(clips), args.grid, fps=8)
     if base.encode_prompts is not None:
         named = [m for m in BASE_MOTIONS if m not in UNNAMED]
-        coherence, obeys, start = [], [], time.perf_counter()
+        coherence, obeys, agree, start = [], [], [], time.perf_counter()
+
+        def told(motion: str, still: np.ndarray, seed: int) -> np.ndarray:
+            embeds = base.prompt_embeds([motion_prompt(motion)])
+            return MivaPipeline(dataclasses.replace(base, null_prompt_embeds=embeds))(
+                still, num_inference_steps=args.steps, seed=seed).frames
+
         for i in range(args.n):
-            motion = named[i % len(named)]
-            told = MivaPipeline(dataclasses.replace(base, null_prompt_embeds=base.prompt_embeds([motion_prompt(motion)])))
-            frames = told(make_still(10_000_000 + i, world, split="heldout"), num_inference_steps=args.steps, seed=i).frames
+            motion, other = named[i % len(named)], named[(i + 5) % len(named)]
+            still = make_still(10_000_000 + i, world, split="heldout")
+            frames = told(motion, still, i)
             coherence.append(metrics.coherence(frames))
             obeys.append(metrics.classify_motion(frames) == motion)
+            agree.append(metrics.classify_motion(told(other, still, i)) == metrics.classify_motion(frames))
         print(f"prompted coherence {np.mean(coherence):.3f}  obeys {np.mean(obeys):.3f}  "
-              f"{(time.perf_counter() - start) / args.n:.2f} s/clip  (held-out stills, motion named in words)")
+              f"same_seed_other_prompt_agree {np.mean(agree):.3f}  "
+              f"{(time.perf_counter() - start) / args.n / 2:.2f} s/clip  (held-out stills, motion named in words; "
+              "agreement near 1: the starting noise, not the words, picks the motion)")
     print(f"coherence {result['train'][0]:.3f} shape_kept {result['train'][1]:.3f}")
 
 

@@ -1,6 +1,7 @@
 """The toy base's pieces: exact pixel-shuffle VAE, save/export/load, first-frame conditioning."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -125,11 +126,13 @@ def test_train_base_from_init_weights(tmp_path):
     assert torch.allclose(trained["text.words"], text.words.detach(), atol=1e-3)
     with pytest.raises(SystemExit):
         main(["--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "run2"), "--steps", "1"])
+    shutil.rmtree(tmp_path / "init")  # resuming needs only the checkpoint, and the same options
+    main(["--init", str(tmp_path / "init"), "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "2",
+          "--warmup", "1", "--threads", "1", "--device", "cpu", "--zero-snr", "--resume"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["trained_steps"] == 2
 
 
 def test_the_shipped_checkpoint_resumes_with_the_documented_command(tmp_path):
-    import shutil
-
     from safetensors.torch import load_file
 
     from miva.toy.base import ASSET

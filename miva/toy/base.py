@@ -130,10 +130,10 @@ def toy_scheduler(zero_snr: bool = False) -> DDIMScheduler:
     x0 ("sample") prediction: copying the concatenated first frame is then the identity at every t,
     and the last DDIM step returns the network's clean estimate (no leftover noise). Measured: a
     v-prediction base after 300 steps was 5x worse than copying frame 0 even at t=50.
-    Why zero SNR: on 16x16x16 latents the SD schedule keeps enough of the clip in x_T (signal 0.04)
-    that the base reads a trajectory out of the starting noise: with the same seed, the prompts
-    "move left" and "move up" drew the same classified motion in 10 of 12 clips (`config.json`'s
-    `zero_snr` says which schedule a base was trained with; `load_toy` follows it).
+    Why zero SNR: on 16x16x16 latents the SD schedule keeps some of the clip in x_T (signal 0.04),
+    so the starting noise helps pick the motion. Measured on a captioned base, 300 zero-SNR steps
+    raised prompted coherence from 0.79 to 0.93 and obedience from 0.17 to 0.33 (README).
+    `config.json`'s `zero_snr` says which schedule a base was trained with; `load_toy` follows it.
     """
     rescale = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_snr else {}
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, prediction_type="sample", **{**SCHEDULER_OVERRIDES, **rescale})

@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     clips = Prefetcher(args.batch, args.workers)  # before CUDA starts: the workers are forked
 
     unet, prompt, text = new_toy(args.seed)
-    if args.init:
+    if args.init and not (args.resume and (args.out / "checkpoint" / "state.json").is_file()):  # resuming: the checkpoint has them
         weights = args.init / "model.safetensors"
         if not weights.is_file():
             parser.error(f"--init {args.init} holds no model.safetensors; give a folder written by `python -m miva.toy export`.")
