@@ -23,8 +23,8 @@ Conventions (shared with `miva.metrics`):
   `camera_background` ("texture" by default) instead of `background`.
 - `random`: each object gets its own motion from OBJECT_MOTIONS (base-model training); the
   camera stays still. `moving_objects=N` keeps all but the first N objects still (what teaches an
-  M-MIVA to move its region and nothing else). `rotate-*` turn `rotation_speed` deg/frame, `scale-*` multiply the size
-  by (1 +- scale_rate) per frame, both about the object's centre.
+  M-MIVA to move its region and nothing else). `rotate-*` turn `rotation_speed` deg/frame,
+  `scale-*` multiply the size by (1 +- scale_rate) per frame, both about the object's centre.
 - Rotating circles show nothing, so `rotate-*` never draws circles (squares are used instead when
   circles are the only shape).
 - Held-out split: object hues come from the odd 30-degree hue bins (train: even bins) and shapes
