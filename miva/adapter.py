@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, MivaConfig
-from .processors import (CrossFrameAttnProcessor, ImplicitPromptProcessor, MivaContext, WanCrossFrameAttnProcessor,
-                         WanImplicitPromptProcessor)
+from .processors import (CrossFrameAttnProcessor, ImplicitPromptProcessor, MivaContext, TemporalBiasProcessor,
+                         WanCrossFrameAttnProcessor, WanImplicitPromptProcessor)
 
 MAX_WEIGHT = 2.0  # adapter weights live in [0, MAX_WEIGHT]; 1 is the adapter as trained
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -37,13 +37,15 @@ class _Layout:
     temb: str  # the module whose output is the timestep embedding c_t, (b, d_t)
     frame_axis_stride: str  # config key of the temporal patch size ("" = 1)
     temporal_lora: bool  # has temporal attentions for the temporal LoRA
+    temporal: re.Pattern | None = None  # the temporal attentions, which get M-MIVA's t-SA bias
 
 
 # UNetMotionModel's spatial transformer blocks: `...attentions.N.transformer_blocks.M.attn1|attn2`
 # (motion modules' temporal attentions are also called attn1/attn2 and are excluded).
 _UNET = _Layout(
     re.compile(r"^(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)attentions\.\d+\.transformer_blocks\.\d+\.(?P<kind>attn[12])$"),
-    (CrossFrameAttnProcessor, ImplicitPromptProcessor), "time_embedding", "", True)
+    (CrossFrameAttnProcessor, ImplicitPromptProcessor), "time_embedding", "", True,
+    re.compile(r"^(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]$"))
 # WanTransformer3DModel: every block's 3-D self-attention (attn1) and text cross-attention (attn2).
 _WAN = _Layout(re.compile(r"^blocks\.\d+\.(?P<kind>attn[12])$"), (WanCrossFrameAttnProcessor, WanImplicitPromptProcessor),
                "condition_embedder.time_embedder", "patch_size", False)
@@ -90,7 +92,7 @@ class MivaAdapters:
         self._had_peft_config = hasattr(unet, "peft_config")
         self._stock: dict[str, object] = {}
         self.layout = _layout(unet)
-        self._processors: dict[str, CrossFrameAttnProcessor | ImplicitPromptProcessor] = {}
+        self._processors: dict[str, CrossFrameAttnProcessor | ImplicitPromptProcessor | TemporalBiasProcessor] = {}
         for name, module in unet.named_modules():
             match = self.layout.attentions.match(name)
             if match is None:
@@ -101,6 +103,10 @@ class MivaAdapters:
         if not self._processors:
             raise ValueError("this model has no spatial transformer blocks; MIVA needs a UNetMotionModel or "
                              "WanTransformer3DModel base.")
+        for name, module in unet.named_modules():
+            if self.layout.temporal is not None and self.layout.temporal.match(name):
+                self._stock[name] = module.processor
+                self._processors[name] = TemporalBiasProcessor(module, module.processor, self.context)
         for name, processor in self._processors.items():
             unet.get_submodule(name).set_processor(processor)
         self._temb = unet.get_submodule(self.layout.temb)
@@ -183,7 +189,7 @@ class MivaAdapters:
             if isinstance(processor, CrossFrameAttnProcessor):
                 if config.cross_frame_attention:
                     processor.add_adapter(name, attn, temb_dim, config.cfa_rank, config.cfa_temperature, config.masked)
-            elif config.implicit_prompt_rank:
+            elif isinstance(processor, ImplicitPromptProcessor) and config.implicit_prompt_rank:
                 processor.add_adapter(name, attn, config.implicit_prompt_rank)
         if config.temporal_lora_rank:
             lora = LoraConfig(

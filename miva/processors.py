@@ -99,6 +99,14 @@ class MivaContext:
     def _unified_at(self, tokens: int) -> torch.Tensor:
         return self._cached(("unified", self._active_names(), tokens), lambda: masks.unify_masks(self._subjects_at(tokens)))
 
+    def _shared(self, tokens: int):
+        """What the base's own attentions are biased by: (b, F, n) labels and their pair bias; one
+        M-MIVA alone: its confidence S with eq. 3; several adapters: the unified mask S* with eq. S6."""
+        per_adapter = self._subjects_at(tokens)
+        if len(per_adapter) == 1:
+            return per_adapter[0], masks.mask_bias
+        return self._unified_at(tokens), masks.unified_bias
+
     def self_bias(self, tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """The video stream's spatial self-attention bias, (b F, 1, n, n): eq. 3 for one M-MIVA alone,
         eq. S6 on the unified mask S* when several adapters share the frame; None without M-MIVAs."""
@@ -106,14 +114,22 @@ class MivaContext:
             return None
 
         def make():
-            per_adapter = self._subjects_at(tokens)
-            if len(per_adapter) == 1:
-                bias = masks.mask_bias(per_adapter[0], per_adapter[0])
-            else:
-                unified = self._unified_at(tokens)
-                bias = masks.unified_bias(unified, unified)
-            return rearrange(bias, "b f n m -> (b f) 1 n m").to(dtype)
+            labels, bias = self._shared(tokens)
+            return rearrange(bias(labels, labels), "b f n m -> (b f) 1 n m").to(dtype)
         return self._cached(("self_bias", self._active_names(), tokens, dtype), make)
+
+    def temporal_bias(self, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The video stream's temporal self-attention (t-SA) bias, (b h w, 1, F, F): the same rule as
+        `self_bias`, between one pixel's frames, for `rows` video rows of a motion module; None without
+        M-MIVAs."""
+        if not self.subjects or not self._active_names():
+            return None
+
+        def make():
+            labels, bias = self._shared(rows // next(iter(self.subjects.values())).shape[0])
+            labels = rearrange(labels, "b f n -> b n f")
+            return rearrange(bias(labels, labels), "b n f g -> (b n) 1 f g").to(dtype)
+        return self._cached(("temporal_bias", self._active_names(), rows, dtype), make)
 
     def cross_bias(self, name: str, tokens: int, num_frames: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Adapter `name`'s CFA bias over frame 1 and frame i-1, (b F, 1, n, 2n): eq. 3 on its own
@@ -342,6 +358,26 @@ class CrossFrameAttnProcessor(_MivaProcessor):
                 cfa = _cfa(adapter, cfa_query, cfa_key[part], ref_value[clips], clip_temb[clips], bias)
                 pieces[s] = pieces[s] + context.weighted(name, weight, cfa, stream=s)
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class TemporalBiasProcessor(_MivaProcessor):
+    """A motion module's temporal self-attention (t-SA) with M-MIVA's mask bias on the video stream
+    (eq. 3 between one pixel's frames; S6 with several adapters); the stock processor otherwise.
+
+    It holds no weights: the temporal LoRAs live in PEFT's layers, which `attn.to_q/k/v` already are.
+    """
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        streams = self.context.streams
+        rows = hidden_states.shape[0] // len(streams)
+        bias = None
+        if encoder_hidden_states is None and hidden_states.ndim == 3:
+            bias = self.context.temporal_bias(rows, hidden_states.dtype)
+        if bias is None:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        heads = [_split_heads(f(hidden_states), attn.heads).split(rows) for f in (attn.to_q, attn.to_k, attn.to_v)]
+        return torch.cat([_attend(attn, q, k, v, attention_mask, bias=bias if s == 0 else None)
+                          for s, (q, k, v) in enumerate(zip(*heads))])
 
 
 class ImplicitPromptProcessor(_MivaProcessor):

@@ -84,6 +84,29 @@ def test_the_video_attention_is_biased_by_the_subject_masks(tiny_base):
     assert background[0, 0, 15, 0] == pytest.approx(np.log(masks_lib.EPS))
 
 
+def test_the_temporal_attention_is_biased_between_a_pixels_frames(tiny_base):
+    """The t-SA bias (B.2.1): eq. 3 between frames of one pixel; only the video stream's rows."""
+    manager = attach(tiny_base.unet, MivaConfig(base="tiny", masked=True), "m")
+    name = next(n for n in manager._processors if ".motion_modules." in n)
+    attn, processor = tiny_base.unet.get_submodule(name), manager._processors[name]
+    assert attn.processor is processor
+    subject = torch.zeros(1, 3, 4, 4)
+    subject[:, 0, :2] = 1  # the top half is the subject in frame 0 only
+    context = manager.context
+    context.set_subjects({"m": subject}, streams=(None, "m"))
+    bias = context.temporal_bias(16)  # (b h w, 1, F, F)
+    assert bias.shape == (16, 1, 3, 3)
+    assert bias[0, 0, 0, 1] == pytest.approx(np.log(masks_lib.EPS)) and bias[0, 0, 1, 2] == pytest.approx(0, abs=1e-5)
+    assert torch.allclose(bias[15, 0], torch.zeros(3, 3), atol=1e-5)  # bottom: background in every frame
+    hidden = torch.randn(32, 3, attn.to_q.in_features)  # rows: the video's 16 pixels, then the mask clip's
+    out = processor(attn, hidden)
+    stock = processor.stock(attn, hidden)
+    assert torch.allclose(out[16:], stock[16:], atol=1e-6)  # the mask clip is not biased
+    assert not torch.allclose(out[:16], stock[:16], atol=1e-4)
+    context.set_subjects({})
+    assert torch.equal(processor(attn, hidden), stock)  # no M-MIVA: the stock attention
+
+
 def test_the_mask_streams_own_cfa_shapes_the_predicted_masks(pipe, first_frame, subject):
     """Training only the mask-stream CFA (the video's stays untrained) changes the predicted masks."""
     manager = attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m")

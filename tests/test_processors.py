@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from miva.adapter import attach
 from miva.config import MivaConfig
+from miva.processors import CrossFrameAttnProcessor
 
 from conftest import randomize
 
@@ -65,5 +66,6 @@ def test_low_rank_cfa_variant_starts_as_identity(tiny_base):
         manager = attach(tiny_base.unet, MivaConfig(base="tiny", cfa_rank=4), "a")
         assert torch.allclose(tiny_base.unet(sample, 10, encoder_hidden_states=embeds).sample, stock, atol=1e-5)
     counts = manager.parameter_report("a")
-    dims = [a.to_q.in_features for n, a in ((n, tiny_base.unet.get_submodule(n)) for n in manager._processors) if n.endswith("attn1")]
+    dims = [tiny_base.unet.get_submodule(n).to_q.in_features for n, p in manager._processors.items()
+            if isinstance(p, CrossFrameAttnProcessor)]
     assert counts["cross_frame_attention"] == sum(4 * 4 * d + 2 * 64 + 2 for d in dims)
