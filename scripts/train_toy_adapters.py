@@ -5,8 +5,9 @@
 
 Each motion's clips are rendered from the toy world (train split) to .mp4 files in a temporary
 folder, then `python -m miva train --base toy --clips DIR --out adapters/NAME` learns them, exactly
-as a user would with their own clips. With --masked each clip's exact object mask is written beside
-it (NAME.mask.gif, lossless) and the command gets --masked: an M-MIVA.
+as a user would with their own clips. With --masked each clip has a second object that stays
+still, the moving object's exact mask is written beside it (NAME.mask.gif, lossless) and the command
+gets --masked: an M-MIVA, taught to move its subject and nothing else.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     for motion in args.only or MOTIONS:
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
-            for clip in make_dataset(motion, args.clips, seed0=1000, config=WorldConfig(size=32, frames=16)):
+            world = WorldConfig(size=32, frames=16, **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
+            for clip in make_dataset(motion, args.clips, seed0=1000, config=world):
                 save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.mp4")
                 if args.masked:
                     mask = np.repeat(clip.masks[:, 0, :, :, None] * np.uint8(255), 3, axis=-1)

@@ -25,6 +25,7 @@ def test_base_batches_are_deterministic():
     a, b = base_batch(5, 2), base_batch(5, 2)
     assert a.shape == (2, 12, 16, 16, 16) and torch.equal(a, b) and not torch.equal(a, base_batch(6, 2))
     assert a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(a, base_batch(5, 2, "free"))  # the same motions, placed freely
 
 
 def test_prefetching_workers_render_the_same_batches():
@@ -113,7 +114,8 @@ def test_train_base_from_init_weights(tmp_path):
     unet, prompt, text = new_toy(seed=5)
     save_toy(unet, prompt, tmp_path / "init", text=text)
     main(["--init", str(tmp_path / "init"), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "2",
-          "--warmup", "1", "--threads", "1", "--device", "cpu", "--zero-snr"])
+          "--warmup", "1", "--threads", "1", "--device", "cpu", "--zero-snr", "--world", "free"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["world"] == "free"
     schedule = load_toy(tmp_path / "run").scheduler  # the schedule it was trained on travels with the weights
     assert schedule.config.rescale_betas_zero_snr and schedule.alphas_cumprod[-1] < 1e-6
     assert not load_toy(tmp_path / "init").scheduler.config.rescale_betas_zero_snr
@@ -128,7 +130,7 @@ def test_train_base_from_init_weights(tmp_path):
         main(["--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "run2"), "--steps", "1"])
     shutil.rmtree(tmp_path / "init")  # resuming needs only the checkpoint, and the same options
     main(["--init", str(tmp_path / "init"), "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "2",
-          "--warmup", "1", "--threads", "1", "--device", "cpu", "--zero-snr", "--resume"])
+          "--warmup", "1", "--threads", "1", "--device", "cpu", "--zero-snr", "--world", "free", "--resume"])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["trained_steps"] == 2
 
 

@@ -208,3 +208,19 @@ def test_moving_objects_keeps_the_others_still():
     assert everyone.params["objects"][0]["shape"] == mover["shape"]  # same appearance draws
     with pytest.raises(ValueError, match="moving_objects must be 0..num_objects"):
         WorldConfig(num_objects=2, moving_objects=3)
+
+
+def test_free_placement_does_not_tell_the_motion_from_the_first_frame():
+    """"fit" starts a left-moving object on the right (its first frame tells the motion); "free"
+    draws the start the same way for every motion: inside the first frame, free to leave later."""
+    def start_x(config, motion):
+        return np.mean([make_clip(motion, s, config).params["objects"][0]["start_centre"][0] for s in range(24)])
+
+    fit, free = WorldConfig(size=32, frames=16), WorldConfig(size=32, frames=16, placement="free")
+    assert start_x(fit, "move-left") - start_x(fit, "move-right") > 8
+    assert abs(start_x(free, "move-left") - start_x(free, "move-right")) < 4
+    clips = [make_clip("move-left", s, free) for s in range(24)]
+    assert all(c.masks[0].any() and not c.masks[0, 0, :, 0].any() for c in clips)  # the first frame holds it whole
+    assert any(c.masks[-1, 0].sum() < c.masks[0, 0].sum() * 0.9 for c in clips)  # some leave through the left edge
+    with pytest.raises(ValueError, match="placement must be 'fit' or 'free'"):
+        WorldConfig(placement="anywhere")

@@ -31,7 +31,12 @@ from .base import (ASSET, BASE_ID, FRAMES, SIZE, PixelShuffleVAE, export_checkpo
 from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, WorldConfig, make_clip
 
 BASE_MOTIONS = OBJECT_MOTIONS + CAMERA_MOTIONS
-WORLD = WorldConfig(size=SIZE, frames=FRAMES)
+# "fit" (toy-v1's world): every object's whole motion stays in the frame, so its first-frame position
+# and size tell the motion, and a base learns to read the motion from them rather than be steered.
+# "free": objects start anywhere their first frame fits and may leave the frame; half the speed and
+# a lower bounce keep most of each motion visible.
+WORLDS = {"fit": WorldConfig(size=SIZE, frames=FRAMES),
+          "free": WorldConfig(size=SIZE, frames=FRAMES, placement="free", speed=0.5, bounce_height=0.2)}
 VAE = PixelShuffleVAE()
 
 
@@ -40,9 +45,10 @@ def base_motions(step: int, batch: int) -> list[str]:
     return [BASE_MOTIONS[seed % len(BASE_MOTIONS)] for seed in range(step * batch, (step + 1) * batch)]
 
 
-def base_clips(step: int, batch: int) -> list[np.ndarray]:
+def base_clips(step: int, batch: int, world: str = "fit") -> list[np.ndarray]:
     """The (F, H, W, 3) uint8 clips of training step `step`: random motions, deterministic in `step`."""
-    return [make_clip(motion, step * batch + i, WORLD).frames for i, motion in enumerate(base_motions(step, batch))]
+    return [make_clip(motion, step * batch + i, WORLDS[world]).frames
+            for i, motion in enumerate(base_motions(step, batch))]
 
 
 def base_prompts(step: int, batch: int, dropout: float, seed: int = 0) -> list[str]:
@@ -55,9 +61,9 @@ def _encode(pixels: torch.Tensor) -> torch.Tensor:
     return VAE.encode(pixels).latent_dist.mode()
 
 
-def base_batch(step: int, batch: int) -> torch.Tensor:
+def base_batch(step: int, batch: int, world: str = "fit") -> torch.Tensor:
     """The latents (b, 12, f, h/2, w/2) of training step `step`."""
-    return encode_clips(_encode, base_clips(step, batch))
+    return encode_clips(_encode, base_clips(step, batch, world))
 
 
 def _one_thread() -> None:
@@ -70,16 +76,16 @@ class Prefetcher:
     Batches depend on the step alone, so this changes nothing but the speed; it keeps a GPU busy.
     """
 
-    def __init__(self, batch: int, workers: int, ahead: int = 16):
-        self.batch, self.ahead, self.pending = batch, ahead, {}
+    def __init__(self, batch: int, workers: int, ahead: int = 16, world: str = "fit"):
+        self.batch, self.ahead, self.pending, self.world = batch, ahead, {}, world
         self.pool = ProcessPoolExecutor(workers, initializer=_one_thread) if workers > 0 else None
 
     def __call__(self, step: int) -> list[np.ndarray]:
         if self.pool is None:
-            return base_clips(step, self.batch)
+            return base_clips(step, self.batch, self.world)
         for s in range(step, step + self.ahead):
             if s not in self.pending:
-                self.pending[s] = self.pool.submit(base_clips, s, self.batch)
+                self.pending[s] = self.pool.submit(base_clips, s, self.batch, self.world)
         for s in [s for s in self.pending if s < step]:  # a resumed run skips ahead
             self.pending.pop(s).cancel()
         return self.pending.pop(step).result()
@@ -94,7 +100,7 @@ def run_meta(args) -> dict:
     toy-v1's checkpoint resumes with `--text-dropout 1`."""
     meta = {"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr}
     optional = {"text_dropout": (args.text_dropout, 1.0), "init": (str(args.init) if args.init else None, None),
-                "zero_snr": (args.zero_snr, False)}
+                "zero_snr": (args.zero_snr, False), "world": (args.world, "fit")}
     return meta | {k: value for k, (value, old) in optional.items() if value != old}
 
 
@@ -116,12 +122,13 @@ def main(argv=None) -> None:
     parser.add_argument("--init", type=Path, default=None, help="start from this exported base folder's weights")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--zero-snr", action="store_true", help="train on the zero-terminal-SNR schedule (see toy_scheduler)")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="fit", help="the toy world's placement (see WORLDS)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    clips = Prefetcher(args.batch, args.workers)  # before CUDA starts: the workers are forked
+    clips = Prefetcher(args.batch, args.workers, world=args.world)  # before CUDA starts: the workers are forked
 
     unet, prompt, text = new_toy(args.seed)
     if args.init and not (args.resume and (args.out / "checkpoint" / "state.json").is_file()):  # resuming: the checkpoint has them

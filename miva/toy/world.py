@@ -75,12 +75,18 @@ class WorldConfig:
     texture_contrast: float = 12.0  # max per-channel deviation of the background texture
     stripe_contrast: float = 0.12  # relative brightness swing of object stripes
     supersample: int = 4  # anti-aliasing factor (area downsampling)
+    # "fit": each object starts where its whole motion stays in the frame (so a small object at the
+    # right edge is likely moving left: the first frame tells the motion); "free": it starts anywhere
+    # its first frame fits, whatever the motion, and may leave the frame later.
+    placement: str = "fit"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_objects <= 3:
             raise ValueError(f"num_objects must be 1..3, not {self.num_objects}")
         if self.moving_objects is not None and not 0 <= self.moving_objects <= self.num_objects:
             raise ValueError(f"moving_objects must be 0..num_objects ({self.num_objects}) or None, not {self.moving_objects}")
+        if self.placement not in ("fit", "free"):
+            raise ValueError(f"placement must be 'fit' or 'free', not {self.placement!r}")
         if self.background not in ("flat", "texture") or self.camera_background not in ("flat", "texture", None):
             raise ValueError("background / camera_background must be 'flat' or 'texture'")
         unknown = set(self.shapes) | set(self.heldout_shapes)
@@ -199,6 +205,7 @@ def _layout(motion: str, seed: int, cfg: WorldConfig, split: str, F: int) -> dic
                    phase=app.uniform(0, 2 * np.pi, 3), weight=w / w.sum(), channel=app.uniform(0.6, 1.0, 3))
     texture = texture if kind == "texture" else None
     pan, zoom = _camera_motion(motion, cfg, F)
+    frames = slice(None) if cfg.placement == "fit" else slice(0, 1)  # "free": the first frame only
     objects = []
     for k, (colour, hue) in enumerate(colours):
         obj_motion = motion
@@ -214,8 +221,8 @@ def _layout(motion: str, seed: int, cfg: WorldConfig, split: str, F: int) -> dic
         shape = pool[app.integers(len(pool))]
         half = app.uniform(*cfg.object_size) * S / 2.0
         offset, angle, scale = _object_motion(obj_motion, cfg, F)
-        while True:  # shrink until the motion fits in the frame
-            lo, hi = _feasible(offset, scale, pan, zoom, SHAPE_EXTENT[shape] * half, S)
+        while True:  # shrink until the motion (or the first frame) fits in the frame
+            lo, hi = _feasible(offset[frames], scale[frames], pan[frames], zoom[frames], SHAPE_EXTENT[shape] * half, S)
             if np.all(lo <= hi):
                 break
             half *= 0.9
@@ -245,7 +252,8 @@ def _layout(motion: str, seed: int, cfg: WorldConfig, split: str, F: int) -> dic
             break
         for o in objects:
             o["half"] *= 0.9
-            o["lo"], o["hi"] = _feasible(o["offset"], o["scale"], pan, zoom, SHAPE_EXTENT[o["shape"]] * o["half"], S)
+            o["lo"], o["hi"] = _feasible(o["offset"][frames], o["scale"][frames], pan[frames], zoom[frames],
+                                         SHAPE_EXTENT[o["shape"]] * o["half"], S)
     return dict(background=bg, texture=texture, pan=pan, zoom=zoom, objects=objects)
 
 
