@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 from miva.config import MivaConfig  # noqa: E402
 from miva.metrics import classify_motion, object_masks  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
-from miva.toy.base import load_toy  # noqa: E402
-from miva.toy.world import WorldConfig, make_still  # noqa: E402
+from miva.toy.base import load_toy, toy_world  # noqa: E402
+from miva.toy.world import make_still  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     folders = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
     if not folders:
         sys.exit(f"no adapters in {args.adapters}; train them with scripts/train_toy_adapters.py")
-    stills = [make_still(20_000_000 + i, WorldConfig(size=32, frames=16), split="heldout") for i in range(args.n)]
+    stills = [make_still(20_000_000 + i, toy_world(), split="heldout") for i in range(args.n)]
     base_motions = [classify_motion(pipe(s, adapters={}, num_inference_steps=args.steps, seed=i).frames)
                     for i, s in enumerate(stills)]
     print(f"{'adapter':<16} {'accuracy':>8} {'base':>6} {'train s':>8} {'animate s':>9}  most common")

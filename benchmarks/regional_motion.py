@@ -17,6 +17,7 @@ objects; median leakage of the single-adapter runs). Goals: accuracy >= 0.9, lea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -28,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from miva.metrics import DIRECTION_MIN, _direction, object_tracks  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
-from miva.toy.base import load_toy  # noqa: E402
-from miva.toy.world import WorldConfig, make_clip  # noqa: E402
+from miva.toy.base import load_toy, toy_world  # noqa: E402
+from miva.toy.world import make_clip  # noqa: E402
 
 
 def displacements(frames: np.ndarray, starts: list[np.ndarray]) -> list[np.ndarray]:
@@ -65,7 +66,7 @@ def main() -> None:
     pipe = MivaPipeline(load_toy())
     a, b, plain = (pipe.load_adapter(p) for p in (args.a, args.b, args.plain))
     motion = {name: pipe.adapters[name].motion for name in (a, b, plain)}
-    config = WorldConfig(num_objects=2)
+    config = dataclasses.replace(toy_world(), num_objects=2)
     hits, leaks, plain_hits, moved_px = [], [], [], []
     for seed in range(args.n):
         clip = make_clip("move-left", 5000 + seed, config, split="heldout")  # its first frame: two still objects

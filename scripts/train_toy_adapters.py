@@ -3,7 +3,7 @@
     python scripts/train_toy_adapters.py [--steps 300] [--clips 8] [--only move-left ...]
     python scripts/train_toy_adapters.py --masked --only move-left move-up   # M-MIVAs: adapters/NAME-masked
 
-Each motion's clips are rendered from the toy world (train split) to .mp4 files in a temporary
+Each motion's clips are rendered from the toy world the shipped base was trained on (train split) to .mp4 files in a temporary
 folder, then `python -m miva train --base toy --clips DIR --out adapters/NAME` learns them, exactly
 as a user would with their own clips. With --masked each clip has a second object that stays
 still, the moving object's exact mask is written beside it (NAME.mask.gif, lossless) and the command
@@ -13,6 +13,7 @@ gets --masked: an M-MIVA, taught to move its subject and nothing else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from miva.media import save_video  # noqa: E402
-from miva.toy.world import WorldConfig, make_dataset  # noqa: E402
+from miva.toy.base import toy_world  # noqa: E402
+from miva.toy.world import make_dataset  # noqa: E402
 
 MOTIONS = ("move-left", "move-right", "move-up", "rotate-cw", "camera-zoom-in", "bounce")
 
@@ -42,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     for motion in args.only or MOTIONS:
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
-            world = WorldConfig(size=32, frames=16, **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
+            world = dataclasses.replace(toy_world(), **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
             for clip in make_dataset(motion, args.clips, seed0=1000, config=world):
                 save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.mp4")
                 if args.masked:

@@ -40,10 +40,18 @@ from safetensors.torch import load_file, save_file
 from ..backends import Base
 from ..backends.animatediff import SCHEDULER_OVERRIDES, build_unet, quiet_diffusers
 from ..train import read_checkpoint_tensors
+from .world import WorldConfig
 
 BASE_ID = "toy-v1"
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "toy-base"
 SIZE, FRAMES = 32, 16
+# The worlds a toy base can be trained on (`train-base --world`; its config.json says which).
+# "fit" (toy-v1's): every object's whole motion stays in the frame, so where an object starts and how
+# big it is tell its motion, and a base learns to read the motion from the first frame rather than
+# be steered. "free": objects start anywhere their first frame fits and may leave the frame; half
+# the speed and a lower bounce keep most of each motion visible.
+WORLDS = {"fit": WorldConfig(size=SIZE, frames=FRAMES),
+          "free": WorldConfig(size=SIZE, frames=FRAMES, placement="free", speed=0.5, bounce_height=0.2)}
 PROMPT_TOKENS, PROMPT_DIM = 4, 64
 WORDS = ("move", "left", "right", "up", "down", "rotate", "cw", "ccw", "scale", "camera", "pan", "zoom", "in", "out")
 UNNAMED = ("bounce",)  # motions the toy text encoder has no words for
@@ -202,6 +210,12 @@ def export_checkpoint(folder: str | Path = ASSET, card: dict | None = None) -> P
     card = {"trained_steps": info["step"], "seconds": round(info["seconds"]), **info["meta"],
             "final_loss_smoothed": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5), **(card or {})}
     return save_toy(unet, prompt, folder, card, text if "extra.ema.text.words" in tensors else None)
+
+
+def toy_world(folder: str | Path = ASSET) -> WorldConfig:
+    """The world the toy base in `folder` was trained on: its clips are the ones to teach it with."""
+    card = Path(folder) / "config.json"
+    return WORLDS[json.loads(card.read_text()).get("world", "fit") if card.is_file() else "fit"]
 
 
 def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> Base:

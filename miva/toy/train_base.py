@@ -26,17 +26,11 @@ from tqdm import tqdm
 
 from ..backends import Base
 from ..train import diffusion_loss, encode_clips, plot_losses, run_training
-from .base import (ASSET, BASE_ID, FRAMES, SIZE, PixelShuffleVAE, export_checkpoint, load_toy_weights, motion_prompt,
-                   new_toy, toy_parameters, toy_scheduler)
-from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, WorldConfig, make_clip
+from .base import (ASSET, BASE_ID, FRAMES, SIZE, WORLDS, PixelShuffleVAE, export_checkpoint, load_toy_weights,
+                   motion_prompt, new_toy, toy_parameters, toy_scheduler)
+from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, make_clip
 
 BASE_MOTIONS = OBJECT_MOTIONS + CAMERA_MOTIONS
-# "fit" (toy-v1's world): every object's whole motion stays in the frame, so its first-frame position
-# and size tell the motion, and a base learns to read the motion from them rather than be steered.
-# "free": objects start anywhere their first frame fits and may leave the frame; half the speed and
-# a lower bounce keep most of each motion visible.
-WORLDS = {"fit": WorldConfig(size=SIZE, frames=FRAMES),
-          "free": WorldConfig(size=SIZE, frames=FRAMES, placement="free", speed=0.5, bounce_height=0.2)}
 VAE = PixelShuffleVAE()
 
 
