@@ -8,7 +8,8 @@ weights are exported to OUT/model.safetensors, which `load_toy` reads.
 Each clip is captioned with its motion's words (`motion_prompt`), replaced by the empty prompt with
 probability --text-dropout (decided per step and clip from the seed, so resuming still changes
 nothing); the empty prompt is what MIVAs run on. `--init FOLDER` starts from an exported base's
-weights (a new run: fresh optimiser, step 0).
+weights (a new run: fresh optimiser, step 0). `--world free` renders the clips of the "free" toy
+world (`WORLDS`), where the first frame does not tell the motion; the export's config.json records it.
 """
 
 from __future__ import annotations
