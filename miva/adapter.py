@@ -95,18 +95,17 @@ class MivaAdapters:
         self._processors: dict[str, CrossFrameAttnProcessor | ImplicitPromptProcessor | TemporalBiasProcessor] = {}
         for name, module in unet.named_modules():
             match = self.layout.attentions.match(name)
-            if match is None:
+            if match is not None:
+                kind = self.layout.processors[0 if match.group("kind") == "attn1" else 1]
+            elif self.layout.temporal is not None and self.layout.temporal.match(name):
+                kind = TemporalBiasProcessor
+            else:
                 continue
             self._stock[name] = module.processor
-            kind = self.layout.processors[0 if match.group("kind") == "attn1" else 1]
             self._processors[name] = kind(module, module.processor, self.context)
-        if not self._processors:
+        if not any(isinstance(p, CrossFrameAttnProcessor) for p in self._processors.values()):
             raise ValueError("this model has no spatial transformer blocks; MIVA needs a UNetMotionModel or "
                              "WanTransformer3DModel base.")
-        for name, module in unet.named_modules():
-            if self.layout.temporal is not None and self.layout.temporal.match(name):
-                self._stock[name] = module.processor
-                self._processors[name] = TemporalBiasProcessor(module, module.processor, self.context)
         for name, processor in self._processors.items():
             unet.get_submodule(name).set_processor(processor)
         self._temb = unet.get_submodule(self.layout.temb)

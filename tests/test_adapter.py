@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from miva.adapter import adapters_of, attach, check_adapter_name, detach, load_adapter, save_adapter
 from miva.config import MivaConfig
+from miva.processors import CrossFrameAttnProcessor
 
 from conftest import randomize, unet_inputs
 
@@ -73,7 +74,7 @@ def test_weights_scale_each_adapter_contribution(tiny_base):
     """Eq. S4 at one layer: the CFA term of a weighted adapter scales linearly with its weight."""
     manager = attach(tiny_base.unet, MivaConfig(base="tiny", implicit_prompt_rank=0, temporal_lora_rank=0), "a")
     randomize(manager.parameters("a"))
-    name = next(n for n in manager._processors if n.endswith("attn1"))
+    name = next(n for n, p in manager._processors.items() if isinstance(p, CrossFrameAttnProcessor))
     attn = tiny_base.unet.get_submodule(name)
     hidden = torch.randn(4, 16, attn.to_q.in_features)
     manager.context.num_frames, manager.context.temb = 4, torch.randn(1, 64)
