@@ -3,8 +3,8 @@
     python scripts/train_toy_adapters.py [--steps 300] [--clips 8] [--only move-left ...]
     python scripts/train_toy_adapters.py --masked --only move-left move-up   # M-MIVAs: adapters/NAME-masked
 
-Each motion's clips are rendered from the toy world the shipped base was trained on (train split) to .mp4 files in a temporary
-folder, then `python -m miva train --base toy --clips DIR --out adapters/NAME` learns them, exactly
+Each motion's clips are rendered from the toy world the shipped base was trained on (`toy_world`,
+train split) to .mp4 files in a temporary folder, then `python -m miva train --base toy --clips DIR --out adapters/NAME` learns them, exactly
 as a user would with their own clips. With --masked each clip has a second object that stays
 still, the moving object's exact mask is written beside it (NAME.mask.gif, lossless) and the command
 gets --masked: an M-MIVA, taught to move its subject and nothing else.
@@ -42,9 +42,9 @@ def main() -> None:
     parser.add_argument("--masked", action="store_true", help="train M-MIVAs from the clips' object masks")
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     args = parser.parse_args()
+    world = dataclasses.replace(toy_world(), **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
     for motion in args.only or MOTIONS:
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
-            world = dataclasses.replace(toy_world(), **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
             for clip in make_dataset(motion, args.clips, seed0=1000, config=world):
                 save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.mp4")
                 if args.masked:
