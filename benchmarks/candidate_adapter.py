@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from miva.metrics import classify_motion  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
 from miva.toy.base import load_toy, toy_world  # noqa: E402
-from miva.toy.world import make_dataset, make_still  # noqa: E402
+from miva.toy.world import make_dataset, heldout_stills  # noqa: E402
 from miva.train import train_adapter  # noqa: E402
 
 
@@ -38,10 +38,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=12)
     args = parser.parse_args()
     pipe, world = MivaPipeline(load_toy(args.weights)), toy_world(args.weights)
-    stills = [make_still(20_000_000 + i, world, split="heldout") for i in range(args.n)]
-    alone = [classify_motion(pipe(s, num_inference_steps=25, seed=i).frames) for i, s in enumerate(stills)]
     accuracies, chances = [], []
     for motion in args.motions:
+        stills = heldout_stills(args.n, world, motion)
+        alone = [classify_motion(pipe(s, num_inference_steps=25, seed=i).frames) for i, s in enumerate(stills)]
         clips = [c.frames for c in make_dataset(motion, 8, seed0=1000, config=world)]
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
             start = time.perf_counter()

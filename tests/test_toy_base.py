@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from miva.pipeline import MivaPipeline
-from miva.toy.base import PixelShuffleVAE, export_checkpoint, load_toy, new_toy, save_toy, toy_parameters
+from miva.toy.base import BASE_ID, PixelShuffleVAE, export_checkpoint, load_toy, new_toy, save_toy, toy_parameters
 import numpy as np
 
 from miva.toy.train_base import Prefetcher, base_batch, base_clips
@@ -42,7 +42,10 @@ def test_save_load_and_sample(tmp_path):
     unet, prompt, text = new_toy(seed=3)
     save_toy(unet, prompt, tmp_path / "toy", text=text)
     base = load_toy(tmp_path / "toy")
-    assert base.concat_first_frame and base.unet.config.in_channels == 24
+    assert base.concat_first_frame and base.unet.config.in_channels == 24 and base.id == BASE_ID
+    config = json.loads((tmp_path / "toy" / "config.json").read_text())
+    (tmp_path / "toy" / "config.json").write_text(json.dumps(config | {"base": "toy-v1"}))
+    assert load_toy(tmp_path / "toy").id == "toy-v1"  # an older export keeps its id, so its adapters still load
     assert all(torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), unet.state_dict().values()))
     out = MivaPipeline(base)(torch.rand(3, 32, 32), num_frames=4, num_inference_steps=2, seed=0)
     assert out.frames.shape == (4, 32, 32, 3)

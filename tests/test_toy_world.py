@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from miva.toy import (CAMERA_MOTIONS, DIRECTIONS, MOTIONS, WorldConfig, camera_clips_from_still,
-                      make_clip, make_dataset, make_still)
+                      heldout_stills, make_clip, make_dataset, make_still)
 
 RICH = WorldConfig(num_objects=3, background="texture", object_texture=True)
 
@@ -133,6 +133,13 @@ def test_camera_zoom_moves_background_and_scales_objects():
         assert (area[-1] > area[0]) == grow
     flat = make_clip("camera-zoom-in", 4, WorldConfig(camera_background=None))
     assert flat.params["background"]["kind"] == "flat"
+
+
+def test_heldout_stills_have_the_background_of_the_motion_they_are_for():
+    flat, camera = heldout_stills(2, motion="move-left"), heldout_stills(2, motion="camera-zoom-in")
+    assert np.array_equal(flat[1], make_still(20_000_001, split="heldout"))
+    assert all(len(np.unique(s.reshape(-1, 3), axis=0)) < len(np.unique(c.reshape(-1, 3), axis=0))
+               for s, c in zip(flat, camera))
 
 
 def test_heldout_colours_and_shapes_are_disjoint_from_train():

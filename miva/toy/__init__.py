@@ -8,6 +8,7 @@ from .world import (
     Clip,
     WorldConfig,
     camera_clips_from_still,
+    heldout_stills,
     make_clip,
     make_dataset,
     make_still,
@@ -15,5 +16,5 @@ from .world import (
 
 __all__ = [
     "CAMERA_MOTIONS", "DIRECTIONS", "MOTIONS", "OBJECT_MOTIONS", "Clip", "WorldConfig",
-    "camera_clips_from_still", "make_clip", "make_dataset", "make_still",
+    "camera_clips_from_still", "heldout_stills", "make_clip", "make_dataset", "make_still",
 ]

@@ -219,7 +219,7 @@ def toy_world(folder: str | Path = ASSET) -> WorldConfig:
 
 
 def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> Base:
-    """The shipped toy base as a `Base` (safetensors only)."""
+    """The shipped toy base as a `Base` (safetensors only), under the base id its config.json names."""
     folder = Path(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():
@@ -237,7 +237,7 @@ def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> B
     with quiet_diffusers():
         vae = PixelShuffleVAE().to(device=device, dtype=dtype)
     return Base(
-        id=BASE_ID, unet=unet, vae=vae, scheduler=toy_scheduler(bool(card.get("zero_snr", False))),
+        id=card.get("base", BASE_ID), unet=unet, vae=vae, scheduler=toy_scheduler(bool(card.get("zero_snr", False))),
         null_prompt_embeds=null, encode_prompts=(lambda prompts: text(prompts, null)) if "text.words" in tensors else None,
         height=SIZE, width=SIZE, frames=FRAMES, description="embedded toy base (32x32 toy world)",
         vae_scale_factor=2, concat_first_frame=True, residual_to_first_frame=True,

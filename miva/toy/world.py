@@ -35,7 +35,7 @@ Conventions (shared with `miva.metrics`):
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -373,6 +373,17 @@ def make_still(seed: int, config: WorldConfig = WorldConfig(), split: str = "tra
     _check(_STILL, split)
     frames, _ = _render(_layout(_STILL, seed, config, split, 1), config, 1)
     return frames[0]
+
+
+def heldout_stills(n: int, config: WorldConfig = WorldConfig(), motion: str | None = None,
+                   seed0: int = 20_000_000) -> list[np.ndarray]:
+    """n held-out first frames to animate with `motion` (benchmarks): seeds seed0, seed0 + 1, ...
+
+    For a camera motion they have the background its clips have (`camera_background`), since over a
+    flat background a camera move cannot be told from the objects moving."""
+    if motion in CAMERA_MOTIONS and config.camera_background:
+        config = replace(config, background=config.camera_background)
+    return [make_still(seed0 + i, config, split="heldout") for i in range(n)]
 
 
 def make_dataset(motion: str, n: int, seed0: int = 0, config: WorldConfig = WorldConfig(),
