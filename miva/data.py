@@ -9,6 +9,7 @@ among ten good ones is a warning instead of a crashed training run.
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -91,23 +92,45 @@ def _video_frames(path: Path) -> Iterator[np.ndarray]:
     if failure is not None:
         raise failure
     try:
-        seconds = _duration(reader) if fmt == "FFMPEG" else None  # pillow's GIF "duration" is per frame
+        repeats = _gif_repeats(path) if fmt is None else None
+        seconds = _duration(reader) if fmt == "FFMPEG" else None  # a GIF costs its frames, not its delays
         if seconds is not None and seconds > MAX_CLIP_SECONDS:
             raise ClipError(f"clip '{path.name}' lasts {_minutes(seconds)}, longer than {MAX_CLIP_SECONDS} s; "
                             "trim it to the few seconds that show the motion.")
         frames = iter(reader)  # iter_data: pulls frame i only when asked for it
-        while True:
+        for index in itertools.count():
             try:
-                frame = next(frames)
+                frame = np.asarray(next(frames))
             except StopIteration:
                 return
             except Exception as err:  # noqa: BLE001
                 raise _undecodable(path, err) from None
-            yield np.asarray(frame)
+            for _ in range(repeats[index] if repeats and index < len(repeats) else 1):
+                yield frame
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             reader.close()
+
+
+def _gif_repeats(path: Path) -> list[int] | None:
+    """How many frames each stored frame of a GIF stands for; None if unreadable here.
+
+    GIF writers (Pillow among them) store a run of identical frames as one frame shown that much
+    longer, so a clip whose object pauses for a frame would come back a frame short: each stored
+    frame stands for round(duration / shortest duration) frames."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            durations = []
+            for index in range(getattr(image, "n_frames", 1)):
+                image.seek(index)
+                durations.append(int(image.info.get("duration") or 0))
+    except Exception:  # noqa: BLE001 - the decoder below reports what is wrong with the file
+        return None
+    unit = min((d for d in durations if d > 0), default=0)
+    return [max(1, round(d / unit)) if unit else 1 for d in durations]
 
 
 def _duration(reader) -> float | None:

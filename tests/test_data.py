@@ -189,6 +189,15 @@ def test_a_ten_minute_clip_is_refused_by_its_header(tmp_path, toy, monkeypatch):
     assert load_clip(save_video(toy, tmp_path / "slow.gif", fps=1 / 90), frames=16).shape == (16, 32, 32, 3)
 
 
+def test_a_gif_keeps_its_repeated_frames(tmp_path, toy):
+    """Pillow writes a run of identical frames as one longer frame; reading it back restores the run."""
+    frames = toy.copy()
+    frames[5] = frames[4]  # the object pauses for a frame (as a bounce does at its apex)
+    frames[9:12] = frames[8]
+    clip = load_clip(save_video(frames, tmp_path / "pause.gif"), frames=16, size=(32, 32))
+    assert np.array_equal(clip, frames[:16])
+
+
 def test_camera_clips(tmp_path):
     stills = tmp_path / "stills"
     stills.mkdir()
