@@ -4,8 +4,9 @@
 
 On the toy base, with one M-MIVA (a shipped/trained one via --adapter, else a freshly attached one
 with small random weights, which has the real cost), the same held-out first frames and seeds are
-sampled four ways, interleaved so machine noise hits all alike:
+sampled five ways, interleaved so machine noise hits all alike:
   base        the base alone (no adapter)
+  miva        a plain MIVA of the same shape (random weights): the floor a mask cache can approach
   uncached    M-MIVA, masks regenerated at every step (the mask stream runs every step)
   paper       M-MIVA, masks regenerated at the paper's steps {0, 5, ..., 35} of 50 (scaled)
   settled     as `paper`, but no more mask steps once the predicted masks change less than
@@ -60,8 +61,9 @@ def main() -> None:
         with torch.no_grad():
             for p in manager.parameters(name).values():
                 p.normal_(0, 0.02)
+    attach(pipe.base.unet, MivaConfig(base=pipe.base.id), "plain")
     clips = [make_clip("move-left", seed, split="heldout") for seed in range(args.n)]
-    runs = {"base": dict(adapters={}), "uncached": dict(mask_steps="all"), "paper": dict(),
+    runs = {"base": dict(adapters={}), "miva": dict(adapters={"plain": 1.0}), "uncached": dict(mask_steps="all"), "paper": dict(),
             "settled": dict(mask_tolerance=args.tolerance)}
     times = {k: [] for k in runs}
     outputs = {k: [] for k in runs}
@@ -70,7 +72,7 @@ def main() -> None:
         for kind, extra in runs.items():
             kwargs = dict(adapters={name: 1.0}, masks={name: subject}, num_inference_steps=args.steps, seed=clip.seed)
             kwargs.update(extra)
-            if not kwargs["adapters"]:
+            if name not in kwargs["adapters"]:
                 kwargs.pop("masks")
             start = time.perf_counter()
             outputs[kind].append(pipe(first, **kwargs))

@@ -63,7 +63,7 @@ def main() -> None:
         chance = float(np.mean([m == config.motion for m in alone[camera]]))
         accuracies.append(accuracy)
         common = max(set(motions), key=motions.count)
-        print(f"{config.motion:<16} {accuracy:>8.2f} {chance:>6.2f} {config.training.get('seconds', float('nan')):>8.0f} "
+        print(f"{folder.name:<16} {accuracy:>8.2f} {chance:>6.2f} {config.training.get('seconds', float('nan')):>8.0f} "
               f"{np.median(seconds):>9.2f}  {common}")
     print(f"mean_accuracy {np.mean(accuracies):.3f}")
 

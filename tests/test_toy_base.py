@@ -145,9 +145,9 @@ def test_the_shipped_checkpoint_resumes_with_the_documented_command(tmp_path):
 
     shutil.copytree(ASSET / "checkpoint", tmp_path / "checkpoint")
     steps = json.loads((ASSET / "config.json").read_text())["trained_steps"]
-    # assets/toy-base/README.md: train-base --batch 64 --text-dropout 1 --resume (here with no steps left)
-    main(["--out", str(tmp_path), "--batch", "64", "--text-dropout", "1", "--resume", "--steps", str(steps),
-          "--device", "cpu"])
+    # assets/toy-base/README.md: train-base --zero-snr --world free --batch 16 --lr 3e-4 --resume (no steps left here)
+    main(["--out", str(tmp_path), "--zero-snr", "--world", "free", "--batch", "16", "--lr", "3e-4", "--resume",
+          "--steps", str(steps), "--device", "cpu"])
     exported, shipped = load_file(str(tmp_path / "model.safetensors")), load_file(str(ASSET / "model.safetensors"))
     assert exported.keys() == shipped.keys()
     assert all(torch.equal(exported[k], shipped[k]) for k in shipped if not k.endswith(".pe"))
