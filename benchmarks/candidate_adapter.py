@@ -1,6 +1,6 @@
 """Can adapters steer a candidate toy base? Train one MIVA per motion on it and score it.
 
-    python benchmarks/candidate_adapter.py --weights assets/toy-base-next [--motions move-left move-up]
+    python benchmarks/candidate_adapter.py --weights FOLDER [--motions move-left move-up]
         [--steps 400] [--n 12]
 
 For a base folder that is not (yet) the shipped one: each motion's MIVA learns from 8 train-split

@@ -63,8 +63,8 @@ def main() -> None:
                 p.normal_(0, 0.02)
     attach(pipe.base.unet, MivaConfig(base=pipe.base.id), "plain")
     clips = [make_clip("move-left", seed, split="heldout") for seed in range(args.n)]
-    runs = {"base": dict(adapters={}), "miva": dict(adapters={"plain": 1.0}), "uncached": dict(mask_steps="all"), "paper": dict(),
-            "settled": dict(mask_tolerance=args.tolerance)}
+    runs = {"base": dict(adapters={}), "miva": dict(adapters={"plain": 1.0}), "uncached": dict(mask_steps="all"),
+            "paper": dict(), "settled": dict(mask_tolerance=args.tolerance)}
     times = {k: [] for k in runs}
     outputs = {k: [] for k in runs}
     for clip in clips:

@@ -6,8 +6,8 @@ For each adapter in the folder (toy base; an M-MIVA gets the still's object as i
 N held-out first frames (colours and shapes never in any training clip; textured backgrounds for a
 camera motion, as its clips have, since over a flat one a camera move looks like the object moving),
 classify the motion of each video with miva.metrics.classify_motion, and count those equal to the
-adapter's motion. The base alone on the same frames and seeds gives the chance level. Also: CPU seconds to train (from the adapter card) and to animate 16 frames.
-Last line: `mean_accuracy X`.
+adapter's motion. The base alone on the same frames and seeds gives the chance level. Also: CPU
+seconds to train (from the adapter card) and to animate 16 frames. Last line: `mean_accuracy X`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ spends its capacity on motion rather than on things the real base gets from pre-
   in"), as a real text-to-video base knows motion words. MIVAs never use it (they replace text,
   §3.3.2); it lets us measure whether the base can be steered at all (`train-base --text-dropout`).
   toy-v1 was trained on the empty prompt only and had no word table; toy-v2 learned the words
-  but mostly does not obey them (README). 'bounce' is left unnamed on purpose (`UNNAMED`):
+  and obeys them half the time (README). 'bounce' is left unnamed on purpose (`UNNAMED`):
   the base sees bounce clips under the empty prompt only, so a bounce MIVA shows learning the base
   cannot be told.
 * Prediction: the clean sample (x0), see `toy_scheduler`.
