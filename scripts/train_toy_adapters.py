@@ -1,6 +1,6 @@
 """Train the shipped toy adapters in adapters/ with the public CLI, from at most 8 toy clips each.
 
-    python scripts/train_toy_adapters.py [--steps 300] [--clips 8] [--only move-left ...]
+    python scripts/train_toy_adapters.py [--steps 400] [--clips 8] [--only move-left ...]
     python scripts/train_toy_adapters.py --masked --only move-left move-up   # M-MIVAs: adapters/NAME-masked
 
 Each motion's clips are rendered from the toy world the shipped base was trained on (`toy_world`,
@@ -33,7 +33,7 @@ MOTIONS = ("move-left", "move-right", "move-up", "rotate-cw", "camera-zoom-in", 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=None)
