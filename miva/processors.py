@@ -73,6 +73,14 @@ class MivaContext:
         `stream`. An adapter acts on the video and on its own mask clip only, never on another
         M-MIVA's (as in training, where a mask clip meets only its own adapter)."""
         streams = self.streams if stream is None else (self.streams[stream],)
+        if self.regions.get(name) is None:  # one scale per stream: a multiply, not split + cat
+            if all(kind is None or kind == name for kind in streams):
+                return out if weight == 1 else weight * out
+            rows = out.shape[0] // len(streams)
+            scale = self._cached(("scale", name, weight, streams, rows, out.dtype, out.device), lambda: torch.tensor(
+                [weight if kind is None or kind == name else 0.0 for kind in streams], dtype=out.dtype,
+                device=out.device).repeat_interleave(rows).view(-1, *[1] * (out.ndim - 1)))
+            return out * scale
         if len(streams) == 1 and streams[0] is None:
             pieces = [out]
         else:
