@@ -376,16 +376,19 @@ class TemporalBiasProcessor(_MivaProcessor):
     """
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        streams = self.context.streams
-        rows = hidden_states.shape[0] // len(streams)
+        context, total = self.context, hidden_states.shape[0]
+        rows = total // len(context.streams)
         bias = None
         if encoder_hidden_states is None and hidden_states.ndim == 3:
-            bias = self.context.temporal_bias(rows, hidden_states.dtype)
+            bias = context.temporal_bias(rows, hidden_states.dtype)
         if bias is None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        heads = [_split_heads(f(hidden_states), attn.heads).split(rows) for f in (attn.to_q, attn.to_k, attn.to_v)]
-        return torch.cat([_attend(attn, q, k, v, attention_mask, bias=bias if s == 0 else None)
-                          for s, (q, k, v) in enumerate(zip(*heads))])
+        if total > rows:  # the mask clips' rows follow, unbiased: one attention call for all streams
+            key = ("temporal_bias", "all streams", context._active_names(), rows, total, bias.dtype)
+            bias = context._cached(key, lambda: torch.cat(
+                [bias, bias.new_zeros((total - rows,) + bias.shape[1:])]))
+        q, k, v = (_split_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        return _attend(attn, q, k, v, attention_mask, bias=bias)
 
 
 class ImplicitPromptProcessor(_MivaProcessor):
