@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from miva.metrics import classify_motion  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
 from miva.toy.base import load_toy, toy_world  # noqa: E402
-from miva.toy.world import make_dataset, heldout_stills  # noqa: E402
+from miva.toy.world import CAMERA_MOTIONS, heldout_stills, make_dataset  # noqa: E402
 from miva.train import train_adapter  # noqa: E402
 
 
@@ -38,10 +38,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=12)
     args = parser.parse_args()
     pipe, world = MivaPipeline(load_toy(args.weights)), toy_world(args.weights)
-    accuracies, chances = [], []
+    accuracies, chances, alone_on = [], [], {}  # the base alone, per kind of stills (camera motion or not)
     for motion in args.motions:
         stills = heldout_stills(args.n, world, motion)
-        alone = [classify_motion(pipe(s, num_inference_steps=25, seed=i).frames) for i, s in enumerate(stills)]
+        camera = motion in CAMERA_MOTIONS
+        if camera not in alone_on:
+            alone_on[camera] = [classify_motion(pipe(s, num_inference_steps=25, seed=i).frames) for i, s in enumerate(stills)]
+        alone = alone_on[camera]
         clips = [c.frames for c in make_dataset(motion, 8, seed0=1000, config=world)]
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
             start = time.perf_counter()

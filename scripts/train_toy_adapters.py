@@ -4,8 +4,9 @@
     python scripts/train_toy_adapters.py --masked --only move-left move-up   # M-MIVAs: adapters/NAME-masked
 
 Each motion's clips are rendered from the toy world the shipped base was trained on (`toy_world`,
-train split) to .gif files (exact for these few colours; mp4's chroma subsampling smears 32 px edges) in a temporary folder, then `python -m miva train --base toy --clips DIR --out adapters/NAME` learns them, exactly
-as a user would with their own clips. With --masked each clip has a second object that stays
+train split) to .gif files in a temporary folder (exact for these few colours; mp4's chroma
+subsampling smears 32 px edges), then `python -m miva train --base toy --clips DIR --out
+adapters/NAME` learns them, exactly as a user would with their own clips. With --masked each clip has a second object that stays
 still, the moving object's exact mask is written beside it (NAME.mask.gif, lossless) and the command
 gets --masked: an M-MIVA, taught to move its subject and nothing else.
 """
@@ -46,7 +47,7 @@ def main() -> None:
     for motion in args.only or MOTIONS:
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
             for clip in make_dataset(motion, args.clips, seed0=1000, config=world):
-                save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.gif")  # lossless here, unlike mp4
+                save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.gif")
                 if args.masked:
                     mask = np.repeat(clip.masks[:, 0, :, :, None] * np.uint8(255), 3, axis=-1)
                     save_video(mask, Path(tmp) / f"{motion}-{clip.seed}.mask.gif")
