@@ -141,7 +141,7 @@ def cmd_train(args) -> int:
         pipe, clipset.clips, args.out, motion, name=args.name, steps=args.steps, lr=args.lr, batch=args.batch,
         seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, callback=progress,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        sources=clipset.names, augment=args.augment, masks=clipset.masks,
+        sources=clipset.names, augment=args.augment, masks=clipset.masks, mask_loss_weight=args.mask_loss_weight,
     )
     print(f"wrote adapter {folder}")
     return 0
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train an M-MIVA: each clip NAME.mp4 needs its subject masks beside it (NAME.mask.mp4 or NAME.mask/)")
     train.add_argument("--mask-text", default=None, metavar="PHRASE",
                        help="train an M-MIVA whose subject masks come from this phrase (Grounding DINO + SAM 2)")
+    train.add_argument("--mask-loss-weight", type=float, default=1.0,
+                       help="M-MIVA: weight of the mask clips' loss against the video's (1: the paper's; toy adapters: 0.1)")
     train.add_argument("--frames", type=int, default=None, help="frames per clip (default: the base's, 16)")
     train.add_argument("--stride", type=int, default=1, help="take every N-th frame of each clip")
     train.add_argument("--seed", type=int, default=0)

@@ -40,13 +40,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator, min_snr: float | None = None,
                    timesteps: torch.Tensor | None = None,
                    before_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-                   prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                   prompt_embeds: torch.Tensor | None = None, clip_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss on (b, c, f, h, w) clean latents; frame 0 stays clean and is not in the loss.
 
     The target follows the base's schedule (ε, v or the clean sample; the flow for flow matching); `min_snr` applies
     Min-SNR-γ loss weighting (Hang et al. 2023); None (the paper's setting) is plain MSE.
     `before_forward(noisy, timesteps, first)` runs after noising, before the denoiser (M-MIVA sets its masks there).
     `prompt_embeds` (1 or b, tokens, d) defaults to the empty prompt, which is what MIVAs train on.
+    `clip_weights` (b,) weighs each clip's loss (None: all 1); the result is their weighted mean.
     """
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -64,6 +65,8 @@ def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator
     per_clip = (pred[:, :, 1:] - target[:, :, 1:]).pow(2).mean(dim=(1, 2, 3, 4))  # (b,)
     if min_snr is not None:
         per_clip = per_clip * base.min_snr_weights(timesteps, min_snr).to(per_clip)
+    if clip_weights is not None:
+        return (per_clip * clip_weights.to(per_clip)).sum() / clip_weights.sum().to(per_clip)
     return per_clip.mean()
 
 
@@ -292,10 +295,19 @@ class MaskTraining:
     """How an M-MIVA trains (§3.4, B.1.2): each clip's mask clip joins the batch (video clips, then
     their mask clips, at the same timestep), and the video's attention is biased by the subject
     masks — the ground truth with probability p(step) = 0.5 (1 + cos(π step / steps)), else the
-    one-step prediction of the masks from the same noisy batch (decoded through the VAE)."""
+    one-step prediction of the masks from the same noisy batch (decoded through the VAE).
 
-    def __init__(self, pipe, manager, name: str, masks: list[np.ndarray], steps: int, augment: int = 1):
+    `mask_loss_weight` weighs the mask clips' loss against the video's (1: the paper's single
+    denoising objective over both). Binary mask clips have sharp, high-contrast edges, so their loss
+    can dwarf the video's, and with gradient clipping the video then barely learns (see the README).
+    """
+
+    def __init__(self, pipe, manager, name: str, masks: list[np.ndarray], steps: int, augment: int = 1,
+                 mask_loss_weight: float = 1.0):
+        if not mask_loss_weight > 0:
+            raise ValueError(f"mask_loss_weight must be above 0, not {mask_loss_weight}; 1 is the paper's objective.")
         self.pipe, self.manager, self.name, self.steps, self.augment = pipe, manager, name, steps, augment
+        self.mask_loss_weight = mask_loss_weight
         pixels = [np.repeat((np.asarray(m, dtype=np.float32) * 255).round().astype(np.uint8)[..., None], 3, -1)
                   for m in masks]
         self.latents = pipe.encode_clips(pixels)  # (n, c, f, h, w)
@@ -326,7 +338,8 @@ class MaskTraining:
 
         try:
             both = torch.cat([latents, self.latents[index.to(self.latents.device)]])
-            return diffusion_loss(base, both, generator, timesteps=timesteps, before_forward=set_masks)
+            weights = torch.tensor([1.0] * b + [self.mask_loss_weight] * b)
+            return diffusion_loss(base, both, generator, timesteps=timesteps, before_forward=set_masks, clip_weights=weights)
         finally:
             context.set_subjects({})
 
@@ -352,12 +365,14 @@ def train_adapter(
     sources: list[str] | None = None,
     augment: int = 1,
     masks: list[np.ndarray] | None = None,
+    mask_loss_weight: float = 1.0,
 ) -> Path | None:
     """Teach `pipe`'s base a motion from `clips`; write the adapter (card, preview GIF, loss curve) to `out`.
 
     `augment` > 1 trains on that many colour variants of each clip (`colour_variants`), so a motion
     taught from a few clips is not tied to their colours. `masks` (one (F, H, W) subject mask
-    sequence in [0, 1] per clip) trains an M-MIVA (§3.4) instead of a MIVA.
+    sequence in [0, 1] per clip) trains an M-MIVA (§3.4) instead of a MIVA, its mask clips' loss
+    weighted by `mask_loss_weight` (see `MaskTraining`).
 
     Returns the adapter folder, or None when `should_stop` ended the run early (its checkpoint stays,
     so `resume=True` continues it).
@@ -387,7 +402,8 @@ def train_adapter(
         raise ValueError("an M-MIVA (masked=True) trains from clips with subject masks; pass masks=, one per clip.")
     config.motion = motion
     config.training = {"clips": len(clips), "frames": frames, "steps": steps, "lr": lr, "batch": batch,
-                       "seed": seed, "augment": augment, "sources": list(sources or [])[:16]}
+                       "seed": seed, "augment": augment, "sources": list(sources or [])[:16],
+                       **({"mask_loss_weight": mask_loss_weight} if masks is not None else {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         manager = attach(base.unet, config, name, base=base.id)
@@ -402,7 +418,7 @@ def train_adapter(
 
         mask_training = None
         if config.masked:
-            mask_training = MaskTraining(pipe, manager, name, masks, steps, augment)
+            mask_training = MaskTraining(pipe, manager, name, masks, steps, augment, mask_loss_weight)
 
         def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
             index = torch.randint(0, len(latents), (batch,), generator=generator)
@@ -417,7 +433,8 @@ def train_adapter(
             meta={"what": "adapter", "base": base.id, "motion": motion, "clips": len(clips), "batch": batch,
                   "seed": seed, "lr": lr, "augment": augment,
                   # an M-MIVA's mask-dropout schedule depends on the run's length
-                  **({"masked": True, "steps": steps} if config.masked else {})}, callback=callback, should_stop=should_stop,
+                  **({"masked": True, "steps": steps} if config.masked else {}),
+                  **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {})}, callback=callback, should_stop=should_stop,
         )
         base.unet.eval()
         if gradient_checkpointing:

@@ -148,3 +148,14 @@ def test_round_shapes_show_no_rotation():
         for seed in range(3):
             clip = make_clip(motion, seed, WorldConfig(shapes=("circle",)))
             assert abs(motion_summary(clip.frames)["rotation"]) < 1.0
+
+
+@pytest.mark.parametrize("world", ["free", "free-bold"])
+def test_the_toy_bases_worlds_show_their_turns_and_camera_moves(world):
+    # Free placement lets a translated object leave the frame (then it reads as shrinking), so only
+    # the motions that stay in view are checked; these are the ones toy bases draw worst.
+    from miva.toy.base import WORLDS
+
+    for motion in ("rotate-cw", "rotate-ccw", "camera-zoom-in", "camera-zoom-out", "camera-pan-left", "camera-pan-right"):
+        for seed, split in ((0, "train"), (1, "train"), (2, "heldout")):
+            assert classify_motion(make_clip(motion, seed, WORLDS[world], split=split).frames) == motion, (motion, seed)

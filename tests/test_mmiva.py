@@ -130,6 +130,23 @@ def test_mmiva_training_writes_an_adapter_that_samples(pipe, tmp_path, subject):
     assert out.mask_passes == 8
     with pytest.raises(ValueError, match="one mask sequence per clip"):
         train_adapter(pipe, clips, tmp_path / "x", "spin", steps=2, masks=masks[:1])
+    with pytest.raises(ValueError, match="mask_loss_weight must be above 0, not -1"):
+        train_adapter(pipe, clips, tmp_path / "x", "spin", steps=2, masks=masks, mask_loss_weight=-1)
+
+
+def test_clip_weights_make_a_weighted_mean_of_the_clips_losses(tiny_base):
+    from miva.train import diffusion_loss
+
+    latents = torch.randn(2, 4, 3, 4, 4)
+
+    def loss(weights=None):  # the same noise and timesteps every time
+        return float(diffusion_loss(tiny_base, latents, torch.Generator().manual_seed(0), timesteps=torch.tensor([300, 700]),
+                                    clip_weights=None if weights is None else torch.tensor(weights)))
+
+    first, second = loss([1.0, 0.0]), loss([0.0, 1.0])
+    assert first != pytest.approx(second)
+    assert loss() == pytest.approx((first + second) / 2) == pytest.approx(loss([3.0, 3.0]))
+    assert loss([1.0, 0.1]) == pytest.approx((first + 0.1 * second) / 1.1)
 
 
 def first_frame_of(clips):
@@ -160,8 +177,8 @@ def test_clips_with_masks_beside_them_train_an_m_miva_from_the_cli(tmp_path, cap
     assert loaded.masks[0].shape == (4, 32, 32) and np.array_equal(loaded.masks[0] > 0.5, truth)
     out = tmp_path / "slide-masked"
     code = main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(out), "--frames", "4", "--steps", "2",
-                 "--checkpoint-every", "1", "--masked"])
-    assert code == 0 and MivaConfig.load(out).masked
+                 "--checkpoint-every", "1", "--masked", "--mask-loss-weight", "0.1"])
+    assert code == 0 and MivaConfig.load(out).masked and MivaConfig.load(out).training["mask_loss_weight"] == 0.1
     assert main(["train", "--base", "tiny", "--stills", str(clips), "--camera", "zoom-in", "--out",
                  str(tmp_path / "o"), "--masked"]) == 2
     assert "use --clips, not --stills" in capsys.readouterr().err

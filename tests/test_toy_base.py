@@ -109,6 +109,16 @@ def test_captions_are_seeded_and_dropped_at_the_given_rate():
     assert 0.2 < dropped < 0.3  # 0.2 plus the unnamed bounce clips (1 in 17)
 
 
+def test_emphasised_motions_come_twice_as_often_and_others_are_refused():
+    from miva.toy.train_base import BASE_MOTIONS, base_motions, motion_cycle
+
+    shown = base_motions(0, 2 * (len(BASE_MOTIONS) + 2), ("rotate-cw", "camera-zoom-in"))
+    assert shown.count("rotate-cw") == shown.count("camera-zoom-in") == 4 and shown.count("bounce") == 2
+    assert base_motions(3, 5) == base_motions(3, 5, ())  # no emphasis: the cycle toy-v1 and toy-v2 saw
+    with pytest.raises(ValueError, match="--emphasis takes base motions .* not spin"):
+        motion_cycle(("spin",))
+
+
 def test_train_base_from_init_weights(tmp_path):
     from safetensors.torch import load_file
 

@@ -10,6 +10,7 @@ probability --text-dropout (decided per step and clip from the seed, so resuming
 nothing); the empty prompt is what MIVAs run on. `--init FOLDER` starts from an exported base's
 weights (a new run: fresh optimiser, step 0). `--world free` renders the clips of the "free" toy
 world (`WORLDS`), where the first frame does not tell the motion; the export's config.json records it.
+`--emphasis rotate-cw ...` shows those motions twice as often (the ones a base draws worst).
 """
 
 from __future__ import annotations
@@ -35,21 +36,30 @@ BASE_MOTIONS = OBJECT_MOTIONS + CAMERA_MOTIONS
 VAE = PixelShuffleVAE()
 
 
-def base_motions(step: int, batch: int) -> list[str]:
-    """The motions of training step `step`'s clips (clip seed s has motion s mod 17)."""
-    return [BASE_MOTIONS[seed % len(BASE_MOTIONS)] for seed in range(step * batch, (step + 1) * batch)]
+def motion_cycle(emphasis: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The motions training clips cycle through: every base motion once, then the `emphasis` ones again."""
+    unknown = set(emphasis) - set(BASE_MOTIONS)
+    if unknown:
+        raise ValueError(f"--emphasis takes base motions ({', '.join(BASE_MOTIONS)}), not {', '.join(sorted(unknown))}.")
+    return BASE_MOTIONS + tuple(emphasis)
 
 
-def base_clips(step: int, batch: int, world: str = "fit") -> list[np.ndarray]:
+def base_motions(step: int, batch: int, emphasis: tuple[str, ...] = ()) -> list[str]:
+    """The motions of training step `step`'s clips (clip seed s has motion s mod the cycle's length)."""
+    cycle = motion_cycle(emphasis)
+    return [cycle[seed % len(cycle)] for seed in range(step * batch, (step + 1) * batch)]
+
+
+def base_clips(step: int, batch: int, world: str = "fit", emphasis: tuple[str, ...] = ()) -> list[np.ndarray]:
     """The (F, H, W, 3) uint8 clips of training step `step`: random motions, deterministic in `step`."""
     return [make_clip(motion, step * batch + i, WORLDS[world]).frames
-            for i, motion in enumerate(base_motions(step, batch))]
+            for i, motion in enumerate(base_motions(step, batch, emphasis))]
 
 
-def base_prompts(step: int, batch: int, dropout: float, seed: int = 0) -> list[str]:
+def base_prompts(step: int, batch: int, dropout: float, seed: int = 0, emphasis: tuple[str, ...] = ()) -> list[str]:
     """Step `step`'s captions: each clip's motion words, or '' with probability `dropout` (seeded by step)."""
     keep = np.random.default_rng([seed, step]).random(batch) >= dropout
-    return [motion_prompt(m) if k else "" for m, k in zip(base_motions(step, batch), keep)]
+    return [motion_prompt(m) if k else "" for m, k in zip(base_motions(step, batch, emphasis), keep)]
 
 
 def _encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -71,16 +81,16 @@ class Prefetcher:
     Batches depend on the step alone, so this changes nothing but the speed; it keeps a GPU busy.
     """
 
-    def __init__(self, batch: int, workers: int, ahead: int = 16, world: str = "fit"):
-        self.batch, self.ahead, self.pending, self.world = batch, ahead, {}, world
+    def __init__(self, batch: int, workers: int, ahead: int = 16, world: str = "fit", emphasis: tuple[str, ...] = ()):
+        self.batch, self.ahead, self.pending, self.world, self.emphasis = batch, ahead, {}, world, tuple(emphasis)
         self.pool = ProcessPoolExecutor(workers, initializer=_one_thread) if workers > 0 else None
 
     def __call__(self, step: int) -> list[np.ndarray]:
         if self.pool is None:
-            return base_clips(step, self.batch, self.world)
+            return base_clips(step, self.batch, self.world, self.emphasis)
         for s in range(step, step + self.ahead):
             if s not in self.pending:
-                self.pending[s] = self.pool.submit(base_clips, s, self.batch, self.world)
+                self.pending[s] = self.pool.submit(base_clips, s, self.batch, self.world, self.emphasis)
         for s in [s for s in self.pending if s < step]:  # a resumed run skips ahead
             self.pending.pop(s).cancel()
         return self.pending.pop(step).result()
@@ -95,7 +105,8 @@ def run_meta(args) -> dict:
     toy-v1's checkpoint resumes with `--text-dropout 1`."""
     meta = {"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr}
     optional = {"text_dropout": (args.text_dropout, 1.0), "init": (str(args.init) if args.init else None, None),
-                "zero_snr": (args.zero_snr, False), "world": (args.world, "fit")}
+                "zero_snr": (args.zero_snr, False), "world": (args.world, "fit"),
+                "emphasis": (list(args.emphasis), [])}
     return meta | {k: value for k, (value, old) in optional.items() if value != old}
 
 
@@ -118,12 +129,18 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--zero-snr", action="store_true", help="train on the zero-terminal-SNR schedule (see toy_scheduler)")
     parser.add_argument("--world", choices=sorted(WORLDS), default="fit", help="the toy world's placement (see WORLDS)")
+    parser.add_argument("--emphasis", nargs="*", default=[], metavar="MOTION",
+                        help="base motions to show twice as often (added to the cycle of clips once more each)")
     args = parser.parse_args(argv)
+    try:
+        motion_cycle(tuple(args.emphasis))
+    except ValueError as error:
+        parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    clips = Prefetcher(args.batch, args.workers, world=args.world)  # before CUDA starts: the workers are forked
+    clips = Prefetcher(args.batch, args.workers, world=args.world, emphasis=tuple(args.emphasis))  # before CUDA starts: the workers are forked
 
     unet, prompt, text = new_toy(args.seed)
     if args.init and not (args.resume and (args.out / "checkpoint" / "state.json").is_file()):  # resuming: the checkpoint has them
@@ -148,7 +165,7 @@ def main(argv=None) -> None:
 
     def loss(step, gen):
         latents = encode_clips(_encode, clips(step)).to(args.device)
-        embeds = base.prompt_embeds(base_prompts(step, args.batch, args.text_dropout, args.seed))
+        embeds = base.prompt_embeds(base_prompts(step, args.batch, args.text_dropout, args.seed, tuple(args.emphasis)))
         return diffusion_loss(base, latents, gen, prompt_embeds=embeds)
 
     started = time.perf_counter()
