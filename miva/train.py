@@ -434,7 +434,8 @@ def train_adapter(
                   "seed": seed, "lr": lr, "augment": augment,
                   # an M-MIVA's mask-dropout schedule depends on the run's length
                   **({"masked": True, "steps": steps} if config.masked else {}),
-                  **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {})}, callback=callback, should_stop=should_stop,
+                  **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {})},
+            callback=callback, should_stop=should_stop,
         )
         base.unet.eval()
         if gradient_checkpointing:
