@@ -304,8 +304,6 @@ class MaskTraining:
 
     def __init__(self, pipe, manager, name: str, masks: list[np.ndarray], steps: int, augment: int = 1,
                  mask_loss_weight: float = 1.0):
-        if not mask_loss_weight > 0:
-            raise ValueError(f"mask_loss_weight must be above 0, not {mask_loss_weight}; 1 is the paper's objective.")
         self.pipe, self.manager, self.name, self.steps, self.augment = pipe, manager, name, steps, augment
         self.mask_loss_weight = mask_loss_weight
         pixels = [np.repeat((np.asarray(m, dtype=np.float32) * 255).round().astype(np.uint8)[..., None], 3, -1)
@@ -383,6 +381,8 @@ def train_adapter(
         raise ValueError("no clips to train on; give at least one clip of the motion.")
     if steps < 1 or batch < 1:
         raise ValueError(f"steps ({steps}) and batch ({batch}) must be at least 1.")
+    if masks is not None and not mask_loss_weight > 0:  # before any clip is encoded
+        raise ValueError(f"mask_loss_weight must be above 0, not {mask_loss_weight}; 1 is the paper's objective.")
     if (out / WEIGHTS_NAME).is_file() and not (out / CHECKPOINT_DIR).is_dir():
         raise ValueError(f"'{out}' already holds a finished adapter; choose another --out folder.")
     if name in pipe.adapters:

@@ -132,15 +132,16 @@ def main(argv=None) -> None:
     parser.add_argument("--emphasis", nargs="*", default=[], metavar="MOTION",
                         help="base motions to show twice as often (added to the cycle of clips once more each)")
     args = parser.parse_args(argv)
+    emphasis = tuple(args.emphasis)
     try:
-        motion_cycle(tuple(args.emphasis))
+        motion_cycle(emphasis)
     except ValueError as error:
         parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    clips = Prefetcher(args.batch, args.workers, world=args.world, emphasis=tuple(args.emphasis))  # before CUDA starts: the workers are forked
+    clips = Prefetcher(args.batch, args.workers, world=args.world, emphasis=emphasis)  # before CUDA starts: the workers are forked
 
     unet, prompt, text = new_toy(args.seed)
     if args.init and not (args.resume and (args.out / "checkpoint" / "state.json").is_file()):  # resuming: the checkpoint has them
@@ -165,7 +166,7 @@ def main(argv=None) -> None:
 
     def loss(step, gen):
         latents = encode_clips(_encode, clips(step)).to(args.device)
-        embeds = base.prompt_embeds(base_prompts(step, args.batch, args.text_dropout, args.seed, tuple(args.emphasis)))
+        embeds = base.prompt_embeds(base_prompts(step, args.batch, args.text_dropout, args.seed, emphasis))
         return diffusion_loss(base, latents, gen, prompt_embeds=embeds)
 
     started = time.perf_counter()
