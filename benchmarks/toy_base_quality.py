@@ -1,6 +1,7 @@
 """How well the toy base draws: sample it with no adapter from toy first frames and measure the frames.
 
     python benchmarks/toy_base_quality.py [--weights assets/toy-base] [--n 20] [--steps 25]
+        [--named rotate-cw camera-zoom-in ...] [--prompted-only] [--device cuda]
 
 Per split (train-world stills and held-out stills): `coherence` = fraction of frames holding exactly
 one object of plausible size (miva.metrics.coherence), `shape_kept` = fraction of frames whose
@@ -8,7 +9,8 @@ object area stays within 0.6x-1.6x of frame 0's, and the motion the base happens
 Then, for a base with its text encoder, the same held-out stills with a motion named in words
 (`motion_prompt`, cycling through the named motions): coherence, and `obeys` = fraction whose
 classified motion is the one named, and how often another named motion with the same seed draws
-the same classified motion. MIVAs never use text; this says what prior they steer.
+the same classified motion, with the count per named motion (`--named` picks the motions; `--prompted-only`
+skips the other measures). MIVAs never use text; this says what prior they steer.
 Last, `first_frame_tells_motion`: the base alone (no words) on the first frames of held-out clips
 that translate (left, right, up, down in turn, in the world the base was trained on): the fraction
 it animates with that clip's own motion. Near chance (about 0.06) the first frame does not decide the
@@ -66,12 +68,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--grid", type=Path, default=Path("toy-base-samples.gif"))
+    parser.add_argument("--named", nargs="+", default=None, metavar="MOTION",
+                        help="motions to name in words (default: every named base motion)")
+    parser.add_argument("--prompted-only", action="store_true", help="only the motions named in words")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    base = load_toy(args.weights)
+    named = args.named or [m for m in BASE_MOTIONS if m not in UNNAMED]
+    unknown = set(named) - set(BASE_MOTIONS) | set(named) & set(UNNAMED)
+    if unknown:
+        parser.error(f"--named takes motions the toy base has words for, not {', '.join(sorted(unknown))}.")
+    base = load_toy(args.weights, device=args.device)
     pipe = MivaPipeline(base)
     world = toy_world(args.weights)
     result = {}
-    for split in ("train", "heldout"):
+    for split in () if args.prompted_only else ("train", "heldout"):
         clips, coherence, kept, motions = [], [], [], Counter()
         start = time.perf_counter()
         for i in range(args.n):
@@ -88,8 +98,8 @@ def main() -> None:
         if split == "train":
             save_video(grid(clips), args.grid, fps=8)
     if base.encode_prompts is not None:
-        named = [m for m in BASE_MOTIONS if m not in UNNAMED]
         coherence, obeys, agree, start = [], [], [], time.perf_counter()
+        per_motion = {m: Counter() for m in named}
 
         def told(motion: str, still: np.ndarray, seed: int) -> np.ndarray:
             embeds = base.prompt_embeds([motion_prompt(motion)])
@@ -98,15 +108,23 @@ def main() -> None:
 
         for i in range(args.n):
             motion, other = named[i % len(named)], named[(i + 5) % len(named)]
+            if other == motion:
+                other = next(m for m in BASE_MOTIONS if m not in UNNAMED and m != motion)
             still = make_still(10_000_000 + i, world, split="heldout")
             frames = told(motion, still, i)
             coherence.append(metrics.coherence(frames))
-            obeys.append(metrics.classify_motion(frames) == motion)
+            drawn = metrics.classify_motion(frames)
+            obeys.append(drawn == motion)
+            per_motion[motion][drawn] += 1
             agree.append(metrics.classify_motion(told(other, still, i)) == metrics.classify_motion(frames))
         print(f"prompted coherence {np.mean(coherence):.3f}  obeys {np.mean(obeys):.3f}  "
               f"same_seed_other_prompt_agree {np.mean(agree):.3f}  "
               f"{(time.perf_counter() - start) / args.n / 2:.2f} s/clip  (held-out stills, motion named in words; "
               "agreement near 1: the starting noise, not the words, picks the motion)")
+        for motion, drawn in per_motion.items():
+            print(f"  named {motion:16s} obeys {drawn[motion]}/{sum(drawn.values())}  drawn: {dict(drawn.most_common(4))}")
+    if args.prompted_only:
+        return
     translations = ("move-left", "move-right", "move-up", "move-down")
     follows = []
     for i in range(args.n):
