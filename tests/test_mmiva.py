@@ -182,6 +182,10 @@ def test_clips_with_masks_beside_them_train_an_m_miva_from_the_cli(tmp_path, cap
     assert main(["train", "--base", "tiny", "--stills", str(clips), "--camera", "zoom-in", "--out",
                  str(tmp_path / "o"), "--masked"]) == 2
     assert "use --clips, not --stills" in capsys.readouterr().err
+    assert main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(tmp_path / "p"),
+                 "--mask-loss-weight", "0.1"]) == 2  # a plain MIVA has no mask clips to weigh
+    assert "add --masked (or --mask-text), or leave it out" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def test_subject_masks_from_a_phrase_need_the_models(tmp_path, capsys, monkeypatch):
