@@ -114,7 +114,7 @@ def test_emphasised_motions_come_twice_as_often_and_others_are_refused():
 
     shown = base_motions(0, 2 * (len(BASE_MOTIONS) + 2), ("rotate-cw", "camera-zoom-in"))
     assert shown.count("rotate-cw") == shown.count("camera-zoom-in") == 4 and shown.count("bounce") == 2
-    assert base_motions(1, len(BASE_MOTIONS)) == list(BASE_MOTIONS)  # no emphasis: the cycle toy-v1 and toy-v2 saw
+    assert base_motions(1, len(BASE_MOTIONS)) == list(BASE_MOTIONS)  # no emphasis: the cycle toy-v1 and toy-v2 saw (toy-v3 had emphasis)
     with pytest.raises(ValueError, match="--emphasis takes base motions .* not spin"):
         motion_cycle(("spin",))
 
@@ -155,9 +155,12 @@ def test_the_shipped_checkpoint_resumes_with_the_documented_command(tmp_path):
 
     shutil.copytree(ASSET / "checkpoint", tmp_path / "checkpoint")
     steps = json.loads((ASSET / "config.json").read_text())["trained_steps"]
-    # assets/toy-base/README.md: train-base --zero-snr --world free --batch 16 --lr 3e-4 --resume (no steps left here)
-    main(["--out", str(tmp_path), "--zero-snr", "--world", "free", "--batch", "16", "--lr", "3e-4", "--resume",
-          "--steps", str(steps), "--device", "cpu"])
+    # assets/toy-base/README.md: train-base --init assets/toy-base --zero-snr --world free-bold --batch 64 --lr 3e-4
+    # --warmup 20 --ema 0.995 --emphasis (ten motions) --resume (no steps left here)
+    twice = ["rotate-cw", "rotate-ccw", "camera-zoom-in", "camera-zoom-out"]
+    main(["--out", str(tmp_path), "--init", "assets/toy-base", "--zero-snr", "--world", "free-bold", "--batch", "64",
+          "--lr", "3e-4", "--warmup", "20", "--ema", "0.995", "--emphasis", *twice, *twice, "camera-pan-left",
+          "camera-pan-right", "--resume", "--steps", str(steps), "--device", "cpu"])
     exported, shipped = load_file(str(tmp_path / "model.safetensors")), load_file(str(ASSET / "model.safetensors"))
     assert exported.keys() == shipped.keys()
     assert all(torch.equal(exported[k], shipped[k]) for k in shipped if not k.endswith(".pe"))

@@ -8,8 +8,8 @@ spends its capacity on motion rather than on things the real base gets from pre-
   and a word table over the words that name the toy world's motions ("move up left", "camera zoom
   in"), as a real text-to-video base knows motion words. MIVAs never use it (they replace text,
   §3.3.2); it lets us measure whether the base can be steered at all (`train-base --text-dropout`).
-  toy-v1 was trained on the empty prompt only and had no word table; toy-v2 learned the words
-  and obeys them half the time (README). 'bounce' is left unnamed on purpose (`UNNAMED`):
+  toy-v1 was trained on the empty prompt only and had no word table; toy-v2 and toy-v3 learned
+  the words and obey them about half the time (README). 'bounce' is left unnamed on purpose (`UNNAMED`):
   the base sees bounce clips under the empty prompt only, so a bounce MIVA shows learning the base
   cannot be told.
 * Prediction: the clean sample (x0), see `toy_scheduler`.
@@ -43,18 +43,18 @@ from ..backends.animatediff import SCHEDULER_OVERRIDES, build_unet, quiet_diffus
 from ..train import read_checkpoint_tensors
 from .world import WorldConfig
 
-BASE_ID = "toy-v2"  # toy-v1: the first base, on the "fit" world (its exports keep their id)
+BASE_ID = "toy-v3"  # toy-v1: the first base, on the "fit" world; toy-v2: on "free" (exports keep their id)
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "toy-base"
 SIZE, FRAMES = 32, 16
 # The worlds a toy base can be trained on (`train-base --world`; its config.json says which).
 # "fit" (toy-v1's): every object's whole motion stays in the frame, so where an object starts and how
 # big it is tell its motion, and a base learns to read the motion from the first frame rather than
 # be steered. "free" (toy-v2's): objects start anywhere their first frame fits and may leave the
-# frame; half the speed and a lower bounce keep most of each motion visible. "free-bold" (tried for a
-# toy-v3, see assets/toy-base/README.md): "free" with a camera-motion background texture of +-20
-# grey levels instead of +-12 (toy-v2 draws the faint one flat, so its zooms read as an object
-# growing; 20 is the most the object segmentation of `miva.metrics` tolerates) and rotations of
-# 8 deg/frame instead of 6.
+# frame; half the speed and a lower bounce keep most of each motion visible. "free-bold" (toy-v3's, see
+# assets/toy-base/README.md): "free" with a camera-motion background texture of +-20 grey levels
+# instead of +-12 (toy-v2 draws the faint one flat, so its zooms read as an object growing; 20 is
+# the most the object segmentation of `miva.metrics` tolerates) and rotations of 8 deg/frame
+# instead of 6.
 _FREE = WorldConfig(size=SIZE, frames=FRAMES, placement="free", speed=0.5, bounce_height=0.2)
 WORLDS = {"fit": WorldConfig(size=SIZE, frames=FRAMES), "free": _FREE,
           "free-bold": replace(_FREE, texture_contrast=20.0, rotation_speed=8.0)}
