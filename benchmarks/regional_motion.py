@@ -14,8 +14,8 @@ least `DIRECTION_MIN` of the frame side, the classifier's threshold); it is NaN 
 objects; median leakage of the single-adapter runs). Goals: accuracy >= 0.9, leakage <= 0.05.
 Also printed: each M-MIVA's direction accuracy alone on the same stills (the ceiling of the mix), and
 the mix accuracy for the nearer and the farther half of the stills by how far apart A's and B's
-centres start (the toy UNet's lowest level has 4x4 tokens of 8x8 px, where a region cannot keep two
-nearby 7-11 px objects apart).
+centres start (does it matter that the toy UNet's lowest level has 4x4 tokens of 8x8 px, which two
+nearby 7-11 px objects share?).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def _training_clips(args, frames: int, size: tuple[int, int]):
 def cmd_train(args) -> int:
     from .train import format_eta, train_adapter
 
-    if args.mask_loss_weight != 1 and not (args.masked or args.mask_text):
+    if args.mask_loss_weight != 1 and not (args.masked or args.mask_text):  # in flags, before loading (train_adapter refuses it too)
         raise ValueError("--mask-loss-weight weighs an M-MIVA's mask clips; add --masked (or --mask-text), or leave it out.")
     pipe = load_pipeline(args)
     with warnings.catch_warnings():  # skipped files are printed below, once each

@@ -381,6 +381,8 @@ def train_adapter(
         raise ValueError("no clips to train on; give at least one clip of the motion.")
     if steps < 1 or batch < 1:
         raise ValueError(f"steps ({steps}) and batch ({batch}) must be at least 1.")
+    if masks is None and mask_loss_weight != 1:  # a plain MIVA has no mask clips to weigh
+        raise ValueError(f"mask_loss_weight ({mask_loss_weight}) weighs an M-MIVA's mask clips; give masks, or leave it at 1.")
     if masks is not None and not mask_loss_weight > 0:  # before any clip is encoded
         raise ValueError(f"mask_loss_weight must be above 0, not {mask_loss_weight}; 1 is the paper's objective.")
     if (out / WEIGHTS_NAME).is_file() and not (out / CHECKPOINT_DIR).is_dir():

@@ -132,6 +132,9 @@ def test_mmiva_training_writes_an_adapter_that_samples(pipe, tmp_path, subject):
         train_adapter(pipe, clips, tmp_path / "x", "spin", steps=2, masks=masks[:1])
     with pytest.raises(ValueError, match="mask_loss_weight must be above 0, not -1"):
         train_adapter(pipe, clips, tmp_path / "x", "spin", steps=2, masks=masks, mask_loss_weight=-1)
+    with pytest.raises(ValueError, match=r"weighs an M-MIVA's mask clips; give masks, or leave it at 1"):
+        train_adapter(pipe, clips, tmp_path / "x", "spin", steps=2, mask_loss_weight=0.1)
+    assert not (tmp_path / "x").exists()
 
 
 def test_clip_weights_make_a_weighted_mean_of_the_clips_losses(tiny_base):
