@@ -43,7 +43,7 @@ from ..backends.animatediff import SCHEDULER_OVERRIDES, build_unet, quiet_diffus
 from ..train import read_checkpoint_tensors
 from .world import WorldConfig
 
-BASE_ID = "toy-v3"  # toy-v1: the first base, on the "fit" world; toy-v2: on "free" (exports keep their id)
+BASE_ID = "toy-v4"  # toy-v1: the first base, on the "fit" world; toy-v2: on "free"; toy-v3: "free-bold" (exports keep their id)
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "toy-base"
 SIZE, FRAMES = 32, 16
 # The worlds a toy base can be trained on (`train-base --world`; its config.json says which).
