@@ -1,5 +1,6 @@
 """The toy base's pieces: exact pixel-shuffle VAE, save/export/load, first-frame conditioning."""
 
+import dataclasses
 import json
 import shutil
 
@@ -117,6 +118,29 @@ def test_emphasised_motions_come_twice_as_often_and_others_are_refused():
     assert base_motions(1, len(BASE_MOTIONS)) == list(BASE_MOTIONS)  # no emphasis: the cycle toy-v1 and toy-v2 saw (toy-v3 had emphasis)
     with pytest.raises(ValueError, match="--emphasis takes base motions .* not spin"):
         motion_cycle(("spin",))
+
+
+def test_a_share_of_clips_shows_two_objects_moving_each_their_own_way():
+    from miva.toy.base import WORLDS
+    from miva.toy.train_base import MULTI, base_clips, base_motions, base_prompts, main
+    from miva.toy.world import make_clip
+
+    assert base_motions(2, 64, multi=0.0) == base_motions(2, 64)  # the default changes nothing
+    shown = [m for s in range(8) for m in base_motions(s, 64, multi=0.3)]
+    assert 0.22 < shown.count(MULTI) / len(shown) < 0.38
+    motions, prompts = base_motions(0, 16, multi=0.5), base_prompts(0, 16, 0.0, multi=0.5)
+    assert MULTI in motions and all(p == "" for m, p in zip(motions, prompts) if m == MULTI)
+    clips = base_clips(0, 16, "free-bold", multi=0.5)
+    for seed, (motion, frames) in enumerate(zip(motions, clips)):
+        if motion == MULTI:
+            two = dataclasses.replace(WORLDS["free-bold"], num_objects=2)
+            clip = make_clip(MULTI, seed, two)
+            assert np.array_equal(frames, clip.frames) and len(clip.params["objects"]) == 2
+    pairs = [[o["motion"] for o in make_clip(MULTI, s, dataclasses.replace(WORLDS["free-bold"], num_objects=2))
+              .params["objects"]] for s, m in enumerate(motions) if m == MULTI]
+    assert any(a != b for a, b in pairs)  # each object draws its own motion
+    with pytest.raises(SystemExit):
+        main(["--multi", "1.5", "--steps", "1"])
 
 
 def test_train_base_from_init_weights(tmp_path):

@@ -11,12 +11,16 @@ nothing); the empty prompt is what MIVAs run on. `--init FOLDER` starts from an 
 weights (a new run: fresh optimiser, step 0). `--world free` renders the clips of the "free" toy
 world (`WORLDS`), where the first frame does not tell the motion; the export's config.json records it.
 `--emphasis rotate-cw ...` shows those motions twice as often (the ones a base draws worst).
+`--multi 0.3` makes that share of the clips two-object clips where each object has its own motion
+(the world's "random" motion, uncaptioned): a base trained on one object per clip has never seen
+two things move differently at once, which is what a mix of regional MIVAs asks of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -44,22 +48,35 @@ def motion_cycle(emphasis: tuple[str, ...] = ()) -> tuple[str, ...]:
     return BASE_MOTIONS + tuple(emphasis)
 
 
-def base_motions(step: int, batch: int, emphasis: tuple[str, ...] = ()) -> list[str]:
-    """The motions of training step `step`'s clips (clip seed s has motion s mod the cycle's length)."""
+MULTI = "random"  # the world's motion where each object draws its own
+
+
+def _is_multi(seed: int, multi: float) -> bool:
+    return multi > 0 and np.random.default_rng([0x6D756C74, seed]).random() < multi
+
+
+def base_motions(step: int, batch: int, emphasis: tuple[str, ...] = (), multi: float = 0.0) -> list[str]:
+    """The motions of training step `step`'s clips (clip seed s has motion s mod the cycle's length,
+    or `MULTI`, two objects moving each their own way, for a share `multi` of the seeds)."""
     cycle = motion_cycle(emphasis)
-    return [cycle[seed % len(cycle)] for seed in range(step * batch, (step + 1) * batch)]
+    return [MULTI if _is_multi(seed, multi) else cycle[seed % len(cycle)]
+            for seed in range(step * batch, (step + 1) * batch)]
 
 
-def base_clips(step: int, batch: int, world: str = "fit", emphasis: tuple[str, ...] = ()) -> list[np.ndarray]:
+def base_clips(step: int, batch: int, world: str = "fit", emphasis: tuple[str, ...] = (),
+               multi: float = 0.0) -> list[np.ndarray]:
     """The (F, H, W, 3) uint8 clips of training step `step`: random motions, deterministic in `step`."""
-    return [make_clip(motion, step * batch + i, WORLDS[world]).frames
-            for i, motion in enumerate(base_motions(step, batch, emphasis))]
+    two = replace(WORLDS[world], num_objects=2)
+    return [make_clip(motion, step * batch + i, two if motion == MULTI else WORLDS[world]).frames
+            for i, motion in enumerate(base_motions(step, batch, emphasis, multi))]
 
 
-def base_prompts(step: int, batch: int, dropout: float, seed: int = 0, emphasis: tuple[str, ...] = ()) -> list[str]:
-    """Step `step`'s captions: each clip's motion words, or '' with probability `dropout` (seeded by step)."""
+def base_prompts(step: int, batch: int, dropout: float, seed: int = 0, emphasis: tuple[str, ...] = (),
+                 multi: float = 0.0) -> list[str]:
+    """Step `step`'s captions: each clip's motion words, or '' with probability `dropout` (seeded by
+    step); a two-motion clip has no words for its motions and gets ''."""
     keep = np.random.default_rng([seed, step]).random(batch) >= dropout
-    return [motion_prompt(m) if k else "" for m, k in zip(base_motions(step, batch, emphasis), keep)]
+    return [motion_prompt(m) if k and m != MULTI else "" for m, k in zip(base_motions(step, batch, emphasis, multi), keep)]
 
 
 def _encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -81,16 +98,18 @@ class Prefetcher:
     Batches depend on the step alone, so this changes nothing but the speed; it keeps a GPU busy.
     """
 
-    def __init__(self, batch: int, workers: int, ahead: int = 16, world: str = "fit", emphasis: tuple[str, ...] = ()):
+    def __init__(self, batch: int, workers: int, ahead: int = 16, world: str = "fit", emphasis: tuple[str, ...] = (),
+                 multi: float = 0.0):
         self.batch, self.ahead, self.pending, self.world, self.emphasis = batch, ahead, {}, world, tuple(emphasis)
+        self.multi = multi
         self.pool = ProcessPoolExecutor(workers, initializer=_one_thread) if workers > 0 else None
 
     def __call__(self, step: int) -> list[np.ndarray]:
         if self.pool is None:
-            return base_clips(step, self.batch, self.world, self.emphasis)
+            return base_clips(step, self.batch, self.world, self.emphasis, self.multi)
         for s in range(step, step + self.ahead):
             if s not in self.pending:
-                self.pending[s] = self.pool.submit(base_clips, s, self.batch, self.world, self.emphasis)
+                self.pending[s] = self.pool.submit(base_clips, s, self.batch, self.world, self.emphasis, self.multi)
         for s in [s for s in self.pending if s < step]:  # a resumed run skips ahead
             self.pending.pop(s).cancel()
         return self.pending.pop(step).result()
@@ -106,7 +125,7 @@ def run_meta(args) -> dict:
     meta = {"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr}
     optional = {"text_dropout": (args.text_dropout, 1.0), "init": (str(args.init) if args.init else None, None),
                 "zero_snr": (args.zero_snr, False), "world": (args.world, "fit"),
-                "emphasis": (list(args.emphasis), [])}
+                "emphasis": (list(args.emphasis), []), "multi": (args.multi, 0.0)}
     return meta | {k: value for k, (value, old) in optional.items() if value != old}
 
 
@@ -131,7 +150,11 @@ def main(argv=None) -> None:
     parser.add_argument("--world", choices=sorted(WORLDS), default="fit", help="the toy world's placement (see WORLDS)")
     parser.add_argument("--emphasis", nargs="*", default=[], metavar="MOTION",
                         help="base motions to show twice as often (added to the cycle of clips once more each)")
+    parser.add_argument("--multi", type=float, default=0.0, metavar="SHARE",
+                        help="share of clips with two objects moving each their own way (uncaptioned)")
     args = parser.parse_args(argv)
+    if not 0 <= args.multi <= 1:
+        parser.error(f"--multi is a share of the clips, from 0 to 1, not {args.multi}.")
     emphasis = tuple(args.emphasis)
     try:
         motion_cycle(emphasis)
@@ -141,7 +164,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    clips = Prefetcher(args.batch, args.workers, world=args.world, emphasis=emphasis)  # before CUDA starts: the workers are forked
+    clips = Prefetcher(args.batch, args.workers, world=args.world, emphasis=emphasis, multi=args.multi)  # before CUDA starts: the workers are forked
 
     unet, prompt, text = new_toy(args.seed)
     if args.init and not (args.resume and (args.out / "checkpoint" / "state.json").is_file()):  # resuming: the checkpoint has them
@@ -166,7 +189,7 @@ def main(argv=None) -> None:
 
     def loss(step, gen):
         latents = encode_clips(_encode, clips(step)).to(args.device)
-        embeds = base.prompt_embeds(base_prompts(step, args.batch, args.text_dropout, args.seed, emphasis))
+        embeds = base.prompt_embeds(base_prompts(step, args.batch, args.text_dropout, args.seed, emphasis, args.multi))
         return diffusion_loss(base, latents, gen, prompt_embeds=embeds)
 
     started = time.perf_counter()
