@@ -12,7 +12,8 @@ Objects are tracked by their soft centroids (`miva.metrics.object_tracks`), matc
 their first-frame positions. Leakage is only defined where the subject moved (net displacement at
 least `DIRECTION_MIN` of the frame side, the classifier's threshold); it is NaN when none did. Last line: `regional_accuracy X leakage Y` (mix accuracy over both
 objects; median leakage of the single-adapter runs). Goals: accuracy >= 0.9, leakage <= 0.05.
-Also printed: each M-MIVA's direction accuracy alone on the same stills (the ceiling of the mix), and
+Also printed: how many stills got both motions, only one or neither (does one M-MIVA win the
+still?), each M-MIVA's direction accuracy alone on the same stills (the ceiling of the mix), and
 the mix accuracy for the nearer and the farther half of the stills by how far apart A's and B's
 centres start (does it matter that the toy UNet's lowest level has 4x4 tokens of 8x8 px, which two
 nearby 7-11 px objects share?).
@@ -98,6 +99,9 @@ def main() -> None:
     leakage = statistics.median(leaks) if leaks else float("nan")
     print(f"toy base, {args.n} held-out two-object first frames, {args.steps} DDIM steps")
     print(f"mix {a} ({motion[a]}) on A + {b} ({motion[b]}) on B: per-object direction accuracy {accuracy:.2f}")
+    got_a, got_b = np.asarray(hits[0::2]), np.asarray(hits[1::2])
+    print(f"mix per still: both as asked {np.sum(got_a & got_b)}, only A {np.sum(got_a & ~got_b)}, "
+          f"only B {np.sum(~got_a & got_b)}, neither {np.sum(~got_a & ~got_b)} (of {args.n})")
     print(f"single M-MIVA runs: subject moved {statistics.median(moved_px) if moved_px else float('nan'):.2f} px "
           f"(median); median leakage (other object's displacement / subject's) {leakage:.3f} over the "
           f"{len(leaks)} of {len(moved_px)} runs where the subject moved at least {DIRECTION_MIN * side:.1f} px")
