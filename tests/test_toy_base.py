@@ -130,14 +130,12 @@ def test_a_share_of_clips_shows_two_objects_moving_each_their_own_way():
     assert 0.22 < shown.count(MULTI) / len(shown) < 0.38
     motions, prompts = base_motions(0, 16, multi=0.5), base_prompts(0, 16, 0.0, multi=0.5)
     assert MULTI in motions and all(p == "" for m, p in zip(motions, prompts) if m == MULTI)
-    clips = base_clips(0, 16, "free-bold", multi=0.5)
-    for seed, (motion, frames) in enumerate(zip(motions, clips)):
+    two, pairs = dataclasses.replace(WORLDS["free-bold"], num_objects=2), []
+    for seed, (motion, frames) in enumerate(zip(motions, base_clips(0, 16, "free-bold", multi=0.5))):
         if motion == MULTI:
-            two = dataclasses.replace(WORLDS["free-bold"], num_objects=2)
             clip = make_clip(MULTI, seed, two)
             assert np.array_equal(frames, clip.frames) and len(clip.params["objects"]) == 2
-    pairs = [[o["motion"] for o in make_clip(MULTI, s, dataclasses.replace(WORLDS["free-bold"], num_objects=2))
-              .params["objects"]] for s, m in enumerate(motions) if m == MULTI]
+            pairs.append([o["motion"] for o in clip.params["objects"]])
     assert any(a != b for a, b in pairs)  # each object draws its own motion
     with pytest.raises(SystemExit):
         main(["--multi", "1.5", "--steps", "1"])
