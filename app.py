@@ -125,7 +125,7 @@ def build_app(studio: Studio) -> gr.Blocks:
     @on_gpu(mix_seconds)
     def mix(image, frames, steps, seed, *rows, progress=gr.Progress()):
         weights, regions = mix_rows(rows)
-        return str(run(studio.animate, image, weights, frames, steps, seed, 0.05, True, True, 1.0,
+        return str(run(studio.animate, image, weights, frames, steps, seed, 0.05, None, True, 1.0,
                        lambda f, m: progress(f, desc=m), regions=regions))
 
     def preview_regions(image, *rows):
@@ -179,7 +179,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                             seed = gr.Number(0, precision=0, label="Seed")
                         with gr.Accordion("Advanced", open=False):
                             shared_noise = gr.Slider(0, 1, value=0.05, step=0.01, label="Shared-noise ratio")
-                            dct_init = gr.Checkbox(True, label="DCTInit (start from the first frame's low frequencies)")
+                            dct_init = gr.Checkbox(studio.pipe.base.dct_init,  # the base's default: off for the toy base
+                                                   label="DCTInit (start from the first frame's low frequencies)")
                             adain = gr.Checkbox(True, label="AdaIN to the first frame")
                             guidance = gr.Slider(0, 5, value=1.0, step=0.1, label="Motion guidance (1 = off)")
                         go = gr.Button("Animate", variant="primary")

@@ -69,7 +69,7 @@ def cmd_animate(args) -> int:
     start = time.perf_counter()
     out = pipe(
         args.image, adapters=weights, num_frames=args.frames, num_inference_steps=args.steps, seed=args.seed,
-        guidance_scale=args.guidance, shared_noise_ratio=args.shared_noise, dct_init=not args.no_dct_init,
+        guidance_scale=args.guidance, shared_noise_ratio=args.shared_noise, dct_init=args.dct_init,
         adain=not args.no_adain, fps=args.fps, masks=masks,
     )
     path = out.save(args.out)
@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--seed", type=int, default=0)
     animate.add_argument("--guidance", type=float, default=1.0, help="motion guidance (1 = off, the paper's)")
     animate.add_argument("--shared-noise", type=float, default=0.05, help="shared noise ratio (0 = off)")
-    animate.add_argument("--no-dct-init", action="store_true", help="start from plain noise")
+    animate.add_argument("--dct-init", action=argparse.BooleanOptionalAction, default=None,
+                         help="start from the first frame's low frequencies (DCTInit; default: the base's choice, "
+                              "off for the toy base)")
     animate.add_argument("--no-adain", action="store_true", help="skip AdaIN post-processing")
     animate.add_argument("--fps", type=int, default=8)
     animate.add_argument("--mask", action="append", default=[], metavar="ADAPTER=FILE",

@@ -270,7 +270,7 @@ class MivaPipeline:
         height: int | None = None,
         width: int | None = None,
         shared_noise_ratio: float = 0.05,
-        dct_init: bool = True,
+        dct_init: bool | None = None,
         dct_cutoff: float = 0.23,
         dct_timestep: int = 975,
         adain: bool = True,
@@ -288,7 +288,7 @@ class MivaPipeline:
         mask is its subject on the first frame: it generates the subject's mask sequence itself and
         biases the video's attention with it (§3.4), regenerating it only at `mask_steps` (default:
         the paper's {0, 5, ..., 35} of 50, scaled; "all" = every step) and not at all once it changes
-        less than `mask_tolerance` between two of them.
+        less than `mask_tolerance` between two of them. `dct_init` None follows the base (`Base.dct_init`).
         """
         base = self.base
         num_frames = base.frames if num_frames is None else num_frames
@@ -312,6 +312,7 @@ class MivaPipeline:
         first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
         scheduler.set_timesteps(num_inference_steps, device=base.device)
+        dct_init = base.dct_init if dct_init is None else dct_init
         init = dict(shared_noise_ratio=shared_noise_ratio, dct_init=dct_init, dct_cutoff=dct_cutoff,
                     dct_timestep=dct_timestep)
         latents = self.initial_latents(first, base.latent_frames(num_frames), scheduler, generator, **init).to(base.device)

@@ -200,10 +200,10 @@ class Studio:
         return Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=self.workdir)) / f"{stem}{suffix}"
 
     def animate(self, image, mix: dict[str, float], frames: int = 16, steps: int = 25, seed: int = 0,
-                shared_noise: float = 0.05, dct_init: bool = True, adain: bool = True, guidance: float = 1.0,
+                shared_noise: float = 0.05, dct_init: bool | None = None, adain: bool = True, guidance: float = 1.0,
                 progress: Progress | None = None, regions: dict[str, object] | None = None) -> Path:
         """Animate `image` with {adapter name: weight}: none (the base alone), one, or up to 4 mixed;
-        `regions` confines adapters: {name: a drawn mask or a text phrase}."""
+        `regions` confines adapters: {name: a drawn mask or a text phrase}; `dct_init` None: the base's default."""
         if image is None:
             raise ValueError("upload a first frame (an image) to animate.")
         if len(mix) > MAX_MIX:
@@ -229,7 +229,7 @@ class Studio:
                 weights[keys[name]] = float(mix[name])
             callback = (lambda i, n: progress(i / n, f"denoising step {i}/{n}")) if progress else None
             out = self.pipe(image, adapters=weights, num_frames=frames, num_inference_steps=steps, seed=seed,
-                            shared_noise_ratio=float(shared_noise), dct_init=bool(dct_init), adain=bool(adain),
+                            shared_noise_ratio=float(shared_noise), dct_init=None if dct_init is None else bool(dct_init), adain=bool(adain),
                             guidance_scale=float(guidance), callback=callback,
                             masks={keys.get(name, name): mask for name, mask in masks.items()})
         return out.save(self.out_path("miva"))

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from miva.adapter import attach, save_adapter
-from miva.cli import main, parse_adapter_spec
+from miva.cli import build_parser, main, parse_adapter_spec
 from miva.config import MivaConfig
 
 
@@ -14,6 +14,11 @@ from miva.config import MivaConfig
 ])
 def test_adapter_specs(spec, expected):
     assert parse_adapter_spec(spec) == expected
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--dct-init"], True), (["--no-dct-init"], False)])
+def test_dct_init_defaults_to_the_base(flag, expected):
+    assert build_parser().parse_args(["animate", "--image", "x.png", *flag]).dct_init is expected
 
 
 @pytest.fixture

@@ -44,6 +44,18 @@ def test_pre_and_post_processing_are_switchable(pipe, first_frame):
         assert not torch.equal(pipe(first_frame, seed=0, **switch, **FAST).latents, base), switch
 
 
+def test_dct_init_follows_the_base_unless_the_call_says(pipe, first_frame):
+    assert pipe.base.dct_init  # the tiny base keeps the paper's default
+    on = pipe(first_frame, seed=0, **FAST).latents
+    assert torch.equal(pipe(first_frame, seed=0, dct_init=True, **FAST).latents, on)
+    pipe.base.dct_init = False
+    try:
+        assert torch.equal(pipe(first_frame, seed=0, **FAST).latents, pipe(first_frame, seed=0, dct_init=False, **FAST).latents)
+        assert torch.equal(pipe(first_frame, seed=0, dct_init=True, **FAST).latents, on)
+    finally:
+        pipe.base.dct_init = True
+
+
 def test_adain_matches_frame_statistics(pipe, first_frame):
     latents = pipe(first_frame, seed=0, **FAST).latents
     std = latents.std(dim=(-2, -1))

@@ -36,6 +36,10 @@ class Base:
     concat_first_frame: bool = False  # the UNet also takes the clean first-frame latent as input channels
     residual_to_first_frame: bool = False  # x0-predicting UNet outputs the offset from the first frame
     encode_prompts: Callable[[list[str]], torch.Tensor] | None = None  # kept only where text is cheap (the toy base)
+    # DCTInit (paper B.3.1) unless a call says otherwise. Off where it only holds the picture still:
+    # on a zero-terminal-SNR schedule x_975 keeps ~0.6% of the first frame, so DCTInit carries almost
+    # none of it and just gives every frame the same low-frequency noise (see `load_toy`).
+    dct_init: bool = True
 
     def __post_init__(self) -> None:
         if not self.vae_scale_factor:

@@ -232,6 +232,7 @@ def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> B
         raise FileNotFoundError(f"toy base weights '{weights}' are missing; train them with `python -m miva.toy train-base`.")
     tensors = load_file(str(weights))
     card = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    zero_snr = bool(card.get("zero_snr", False))
     unet, prompt, text = new_toy()
     load_toy_weights(tensors, unet, prompt, text)
     unet.requires_grad_(False).eval()
@@ -243,8 +244,9 @@ def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> B
     with quiet_diffusers():
         vae = PixelShuffleVAE().to(device=device, dtype=dtype)
     return Base(
-        id=card.get("base", BASE_ID), unet=unet, vae=vae, scheduler=toy_scheduler(bool(card.get("zero_snr", False))),
+        id=card.get("base", BASE_ID), unet=unet, vae=vae, scheduler=toy_scheduler(zero_snr),
         null_prompt_embeds=null, encode_prompts=(lambda prompts: text(prompts, null)) if "text.words" in tensors else None,
         height=SIZE, width=SIZE, frames=FRAMES, description="embedded toy base (32x32 toy world)",
         vae_scale_factor=2, concat_first_frame=True, residual_to_first_frame=True,
+        dct_init=bool(card.get("dct_init", not zero_snr)),
     )
