@@ -342,6 +342,14 @@ class MaskTraining:
             context.set_subjects({})
 
 
+def save_preview(pipe, name: str, first: np.ndarray, out: Path, frames: int, steps: int = 25, seed: int = 0,
+                 mask: np.ndarray | None = None) -> Path:
+    """The adapter card's preview.gif: loaded adapter `name` animating `first` (an M-MIVA gets `mask`)."""
+    video = pipe(first, adapters={name: 1.0}, num_frames=frames, num_inference_steps=steps, seed=seed,
+                 masks={name: mask} if mask is not None else None)
+    return video.save(Path(out) / "preview.gif")
+
+
 def train_adapter(
     pipe,
     clips: list[np.ndarray],
@@ -448,10 +456,7 @@ def train_adapter(
         config.training["final_loss"] = round(float(np.mean(state.losses[-20:])), 5)
         out.mkdir(parents=True, exist_ok=True)
         plot_losses(state.losses, out / "loss.png", f"{motion}: training loss")
-        first = clips[0][0]
-        preview = pipe(first, adapters={name: 1.0}, num_frames=frames, num_inference_steps=preview_steps, seed=seed,
-                       masks={name: masks[0][0]} if config.masked else None)
-        preview.save(out / "preview.gif")
+        save_preview(pipe, name, clips[0][0], out, frames, preview_steps, seed, masks[0][0] if config.masked else None)
         save_adapter(base.unet, name, out)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         return out

@@ -2,6 +2,7 @@
 
     python scripts/train_toy_adapters.py [--steps 400] [--clips 8] [--only move-left ...]
     python scripts/train_toy_adapters.py --masked --only move-left move-up   # M-MIVAs: adapters/NAME-masked
+    python scripts/train_toy_adapters.py --previews-only [--masked]  # redraw the cards' preview.gif only
 
 Each motion's clips are rendered from the toy world the shipped base was trained on (`toy_world`,
 train split) to .gif files in a temporary folder (exact for these few colours; mp4's chroma
@@ -45,8 +46,12 @@ def main() -> None:
     parser.add_argument("--mask-loss-weight", type=float, default=0.1,
                         help="with --masked: the mask clips' loss weight (their sharp binary edges dwarf the video's loss at 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
+    parser.add_argument("--previews-only", action="store_true",
+                        help="keep the trained weights; redraw each adapter's preview.gif with today's sampling defaults")
     args = parser.parse_args()
     world = dataclasses.replace(toy_world(), **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
+    if args.previews_only:
+        return redraw_previews(args, world)
     for motion in args.only or MOTIONS:
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
             for clip in make_dataset(motion, args.clips, seed0=1000, config=world):
@@ -62,6 +67,25 @@ def main() -> None:
             command += ["--lr", str(args.lr)] if args.lr else []
             print(" ".join(command[1:]), flush=True)
             subprocess.run(command, check=True, cwd=ROOT)
+
+
+def redraw_previews(args, world) -> None:
+    """What training ends with (`miva.train.save_preview`): the first training clip's first frame, seed
+    0, 25 steps; an M-MIVA gets that clip's subject mask."""
+    from miva.config import MivaConfig
+    from miva.pipeline import MivaPipeline
+    from miva.toy.base import load_toy
+    from miva.train import save_preview
+
+    pipe = MivaPipeline(load_toy())
+    for motion in args.only or MOTIONS:
+        folder = args.out / (f"{motion}-masked" if args.masked else motion)
+        clip = make_dataset(motion, 1, seed0=1000, config=world)[0]
+        name = pipe.load_adapter(folder)
+        seed = MivaConfig.load(folder).training.get("seed", 0)
+        print(save_preview(pipe, name, clip.frames[0], folder, len(clip.frames), seed=seed,
+                           mask=clip.masks[0, 0].astype(np.float32) if args.masked else None), flush=True)
+        pipe.unload_adapter(name)
 
 
 if __name__ == "__main__":
