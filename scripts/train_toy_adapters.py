@@ -31,6 +31,7 @@ from miva.media import save_video  # noqa: E402
 from miva.toy.base import toy_world  # noqa: E402
 from miva.toy.world import make_dataset  # noqa: E402
 
+SEED0 = 1000  # the training clips' seeds: SEED0, SEED0 + 1, ...
 MOTIONS = ("move-left", "move-right", "move-up", "rotate-cw", "camera-zoom-in", "bounce")
 
 
@@ -54,7 +55,7 @@ def main() -> None:
         return redraw_previews(args, world)
     for motion in args.only or MOTIONS:
         with tempfile.TemporaryDirectory(prefix=f"miva-{motion}-") as tmp:
-            for clip in make_dataset(motion, args.clips, seed0=1000, config=world):
+            for clip in make_dataset(motion, args.clips, seed0=SEED0, config=world):
                 save_video(clip.frames, Path(tmp) / f"{motion}-{clip.seed}.gif")
                 if args.masked:
                     mask = np.repeat(clip.masks[:, 0, :, :, None] * np.uint8(255), 3, axis=-1)
@@ -80,7 +81,7 @@ def redraw_previews(args, world) -> None:
     pipe = MivaPipeline(load_toy())
     for motion in args.only or MOTIONS:
         folder = args.out / (f"{motion}-masked" if args.masked else motion)
-        clip = make_dataset(motion, 1, seed0=1000, config=world)[0]
+        clip = make_dataset(motion, 1, seed0=SEED0, config=world)[0]
         name = pipe.load_adapter(folder)
         seed = MivaConfig.load(folder).training.get("seed", 0)
         print(save_preview(pipe, name, clip.frames[0], folder, len(clip.frames), seed=seed,

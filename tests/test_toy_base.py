@@ -151,13 +151,14 @@ def test_train_base_from_init_weights(tmp_path):
     main(["--init", str(tmp_path / "init"), "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "2",
           "--warmup", "1", "--threads", "1", "--device", "cpu", "--zero-snr", "--world", "free"])
     assert json.loads((tmp_path / "run" / "config.json").read_text())["world"] == "free"
-    schedule = load_toy(tmp_path / "run").scheduler  # the schedule it was trained on travels with the weights
+    run, init = load_toy(tmp_path / "run"), load_toy(tmp_path / "init")
+    schedule = run.scheduler  # the schedule it was trained on travels with the weights
     assert schedule.config.rescale_betas_zero_snr and schedule.alphas_cumprod[-1] < 1e-6
-    assert not load_toy(tmp_path / "init").scheduler.config.rescale_betas_zero_snr
+    assert not init.scheduler.config.rescale_betas_zero_snr
     # DCTInit follows the schedule unless the card says: on zero-SNR it would only share the frames' noise
-    assert not load_toy(tmp_path / "run").dct_init and load_toy(tmp_path / "init").dct_init
+    assert not run.dct_init and init.dct_init
     assert load_toy().dct_init is False  # the shipped base
-    frames = MivaPipeline(load_toy(tmp_path / "run"))(torch.rand(3, 32, 32), num_frames=4, num_inference_steps=3, seed=0).frames
+    frames = MivaPipeline(run)(torch.rand(3, 32, 32), num_frames=4, num_inference_steps=3, seed=0).frames
     assert frames.shape == (4, 32, 32, 3)  # sampling starts from pure noise at t = T
     trained = load_file(str(tmp_path / "run" / "model.safetensors"))
     fresh = new_toy(seed=0)[0].conv_in.weight.detach()  # what the run starts from without --init
