@@ -34,8 +34,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--adapters", type=Path, default=ROOT / "adapters")
+    parser.add_argument("--device", default="cpu", help="cpu (the figures in the README) or cuda")
     args = parser.parse_args()
-    pipe = MivaPipeline(load_toy())
+    pipe = MivaPipeline(load_toy(device=args.device))
     folders = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
     if not folders:
         sys.exit(f"no adapters in {args.adapters}; train them with scripts/train_toy_adapters.py")

@@ -67,8 +67,9 @@ def main() -> None:
     parser.add_argument("--a", type=Path, default=ROOT / "adapters" / "move-left-masked")
     parser.add_argument("--b", type=Path, default=ROOT / "adapters" / "move-up-masked")
     parser.add_argument("--plain", type=Path, default=ROOT / "adapters" / "move-right")
+    parser.add_argument("--device", default="cpu", help="cpu (the figures in the README) or cuda")
     args = parser.parse_args()
-    pipe = MivaPipeline(load_toy())
+    pipe = MivaPipeline(load_toy(device=args.device))
     a, b, plain = (pipe.load_adapter(p) for p in (args.a, args.b, args.plain))
     motion = {name: pipe.adapters[name].motion for name in (a, b, plain)}
     config = dataclasses.replace(toy_world(), num_objects=2)

@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--mask-loss-weight", type=float, default=0.1,
                         help="with --masked: the mask clips' loss weight (their sharp binary edges dwarf the video's loss at 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
+    parser.add_argument("--device", default=None, help="passed to `python -m miva train` (e.g. cuda)")
     parser.add_argument("--previews-only", action="store_true",
                         help="keep the trained weights; redraw each adapter's preview.gif with today's sampling defaults")
     args = parser.parse_args()
@@ -66,6 +67,7 @@ def main() -> None:
                        "--augment", str(args.augment)]
             command += ["--masked", "--mask-loss-weight", str(args.mask_loss_weight)] if args.masked else []
             command += ["--lr", str(args.lr)] if args.lr else []
+            command += ["--device", args.device] if args.device else []
             print(" ".join(command[1:]), flush=True)
             subprocess.run(command, check=True, cwd=ROOT)
 

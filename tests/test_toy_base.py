@@ -62,6 +62,7 @@ def test_export_takes_the_ema_weights(tmp_path):
                  checkpoint_every=1, ema=0.5, meta={"what": "toy-base"})
     base = load_toy(export_checkpoint(tmp_path))
     assert base.unet.config.in_channels == 24
+    assert (tmp_path / "loss.png").stat().st_size > 0  # the card's loss curve, drawn by the export too
 
 
 def test_missing_weights_say_how_to_make_them(tmp_path):

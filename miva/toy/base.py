@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backends import Base
 from ..backends.animatediff import SCHEDULER_OVERRIDES, build_unet, quiet_diffusers
-from ..train import read_checkpoint_tensors
+from ..train import plot_losses, read_checkpoint_tensors
 from .world import WorldConfig
 
 BASE_ID = "toy-v4"  # toy-v1: the first base, on the "fit" world; toy-v2: on "free"; toy-v3: "free-bold" (exports keep their id)
@@ -201,7 +201,8 @@ def save_toy(unet, prompt: torch.Tensor, folder: str | Path, card: dict | None =
 
 
 def export_checkpoint(folder: str | Path = ASSET, card: dict | None = None) -> Path:
-    """Write folder/model.safetensors from the EMA weights of the training checkpoint in folder/checkpoint."""
+    """Write folder/model.safetensors from the EMA weights of the training checkpoint in folder/checkpoint, and
+    folder/loss.png from its losses."""
     folder = Path(folder)
     if not (folder / "checkpoint" / "state.json").is_file():
         raise FileNotFoundError(f"no training checkpoint in '{folder}'; run `python -m miva.toy train-base` first.")
@@ -215,7 +216,9 @@ def export_checkpoint(folder: str | Path = ASSET, card: dict | None = None) -> P
     losses = info["losses"]
     card = {"trained_steps": info["step"], "seconds": round(info["seconds"]), **info["meta"],
             "final_loss_smoothed": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 5), **(card or {})}
-    return save_toy(unet, prompt, folder, card, text if "extra.ema.text.words" in tensors else None)
+    save_toy(unet, prompt, folder, card, text if "extra.ema.text.words" in tensors else None)
+    plot_losses(losses, folder / "loss.png", "toy base training loss")
+    return folder
 
 
 def toy_world(folder: str | Path = ASSET) -> WorldConfig:

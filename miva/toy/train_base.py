@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..backends import Base
-from ..train import diffusion_loss, encode_clips, plot_losses, run_training
+from ..train import diffusion_loss, encode_clips, run_training
 from .base import (ASSET, BASE_ID, FRAMES, SIZE, WORLDS, PixelShuffleVAE, export_checkpoint, load_toy_weights,
                    motion_prompt, new_toy, toy_parameters, toy_scheduler)
 from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, make_clip
@@ -204,5 +204,4 @@ def main(argv=None) -> None:
     clips.close()
     if state.step >= args.steps:
         export_checkpoint(args.out)
-        plot_losses(state.losses, args.out / "loss.png", "toy base training loss")
     print(f"saved {args.out} at step {state.step} ({time.perf_counter() - started:.0f} s this run)")
