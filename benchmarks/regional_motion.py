@@ -13,10 +13,11 @@ their first-frame positions. Leakage is only defined where the subject moved (ne
 least `DIRECTION_MIN` of the frame side, the classifier's threshold); it is NaN when none did. Last line: `regional_accuracy X leakage Y` (mix accuracy over both
 objects; median leakage of the single-adapter runs). Goals: accuracy >= 0.9, leakage <= 0.05.
 Also printed: how many stills got both motions, only one or neither (does one M-MIVA win the
-still?), each M-MIVA's direction accuracy alone on the same stills (the ceiling of the mix), and
-the mix accuracy for the nearer and the farther half of the stills by how far apart A's and B's
-centres start (does it matter that the toy UNet's lowest level has 4x4 tokens of 8x8 px, which two
-nearby 7-11 px objects share?).
+still?), how often each M-MIVA's mask stream predicts its subject moving as asked in the mix, and
+how often the video then follows (a mix can fail in the masks or in the video), each M-MIVA's
+direction accuracy alone on the same stills (the ceiling of the mix), and the mix accuracy for the
+nearer and the farther half of the stills by how far apart A's and B's centres start (does it matter
+that the toy UNet's lowest level has 4x4 tokens of 8x8 px, which two nearby 7-11 px objects share?).
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def displacements(frames: np.ndarray, starts: list[np.ndarray]) -> list[np.ndarr
     return out
 
 
+def mask_shift(mask) -> np.ndarray:
+    """Net (dx, dy) of a predicted subject mask sequence (F, H, W): its centroid, last frame - first."""
+    m = np.asarray(mask, dtype=np.float64)
+    ys, xs = np.mgrid[: m.shape[1], : m.shape[2]]
+    total = m.sum(axis=(1, 2))
+    if total[0] <= 0 or total[-1] <= 0:
+        return np.full(2, np.nan)
+    centre = [np.array([(xs * m[i]).sum(), (ys * m[i]).sum()]) / total[i] for i in (0, -1)]
+    return centre[1] - centre[0]
+
+
 def direction(d: np.ndarray, side: int) -> str:
     return "lost" if np.isnan(d).any() else _direction(d[0], d[1], DIRECTION_MIN * side)
 
@@ -73,18 +85,20 @@ def main() -> None:
     a, b, plain = (pipe.load_adapter(p) for p in (args.a, args.b, args.plain))
     motion = {name: pipe.adapters[name].motion for name in (a, b, plain)}
     config = dataclasses.replace(toy_world(), num_objects=2)
-    hits, leaks, plain_hits, moved_px, alone, apart = [], [], [], [], [], []
+    hits, leaks, plain_hits, moved_px, alone, apart, mask_hits = [], [], [], [], [], [], []
     for seed in range(args.n):
         clip = make_clip("move-left", 5000 + seed, config, split="heldout")  # its first frame: two still objects
         first, (mask_a, mask_b) = clip.frames[0], clip.masks[0].astype(np.float32)
         starts = [np.asarray(o["start_centre"]) for o in clip.params["objects"]]
         side = first.shape[0]
 
-        def run(weights, masks):
+        def run(weights, masks, predicted=None):
             out = pipe(first, adapters=weights, masks=masks, num_inference_steps=args.steps, seed=seed)
+            if predicted is not None:  # where the mask streams say each subject went
+                predicted += [direction(mask_shift(out.subject_masks[name].cpu()), side) == motion[name] for name in weights]
             return displacements(out.frames, starts)
 
-        da, db = run({a: 1.0, b: 1.0}, {a: mask_a, b: mask_b})
+        da, db = run({a: 1.0, b: 1.0}, {a: mask_a, b: mask_b}, mask_hits)
         hits += [direction(da, side) == motion[a], direction(db, side) == motion[b]]
         apart += [float(np.linalg.norm(starts[0] - starts[1]))] * 2
         for name, (moved, still) in ((a, run({a: 1.0}, {a: mask_a})), (b, run({b: 1.0}, {b: mask_b})[::-1])):
@@ -103,6 +117,9 @@ def main() -> None:
     got_a, got_b = np.asarray(hits[0::2]), np.asarray(hits[1::2])
     print(f"mix per still: both as asked {np.sum(got_a & got_b)}, only A {np.sum(got_a & ~got_b)}, "
           f"only B {np.sum(~got_a & got_b)}, neither {np.sum(~got_a & ~got_b)} (of {args.n})")
+    follows = np.asarray(hits)[np.asarray(mask_hits)]
+    print(f"mix, the mask streams: A's predicted mask moves {motion[a]} {np.mean(mask_hits[0::2]):.2f}, B's {motion[b]} "
+          f"{np.mean(mask_hits[1::2]):.2f}; where it did, the video moved that object so in {follows.sum()} of {follows.size}")
     print(f"single M-MIVA runs: subject moved {statistics.median(moved_px) if moved_px else float('nan'):.2f} px "
           f"(median); median leakage (other object's displacement / subject's) {leakage:.3f} over the "
           f"{len(leaks)} of {len(moved_px)} runs where the subject moved at least {DIRECTION_MIN * side:.1f} px")

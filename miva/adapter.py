@@ -141,12 +141,13 @@ class MivaAdapters:
         self._apply_trainable()  # ... so give the trained adapter its gradients back
         self._weights_applied = True
 
-    def set_regions(self, regions: dict[str, torch.Tensor]) -> None:
-        """Confine adapters to regions: {name: (b, F, H, W) weights at the latent grid}; others act everywhere."""
+    def set_regions(self, regions: dict[str, torch.Tensor], exclusive=()) -> None:
+        """Confine adapters to regions: {name: (b, F, H, W) weights at the latent grid}; others act everywhere.
+        The `exclusive` ones act on a coarser layer's token only where all of it is in their region."""
         for name in regions:
             if name not in self.configs:
                 raise KeyError(f"a region was given for '{name}', which is not attached; attached: {sorted(self.configs) or 'none'}.")
-        self.context.set_regions(regions)
+        self.context.set_regions(regions, exclusive)
 
     def _regional(self, name: str):
         def hook(module, args, output):  # (S b h w, F, c): the weight is applied by PEFT's scaling

@@ -120,29 +120,55 @@ def token_grid(height: int, width: int, tokens: int) -> tuple[int, int]:
     return h, w
 
 
-def at_tokens(region: torch.Tensor, tokens: int) -> torch.Tensor:
+def at_tokens(region: torch.Tensor, tokens: int, pool: str = "area") -> torch.Tensor:
     """(b, F, H, W) region weights -> (b, F, h, w) at a layer's token grid.
 
     B.1.1 resizes masks bilinearly; for the UNet's exact 2^k downsampling we take the area mean,
-    which equals bilinear at 2x and, unlike it, does not skip pixels at 4x and 8x.
+    which equals bilinear at 2x and, unlike it, does not skip pixels at 4x and 8x. `pool="min"`
+    takes each token's smallest weight instead: a token is in the region only if all of it is.
     """
     b, f, height, width = region.shape
     h, w = token_grid(height, width, tokens)
     if (h, w) == (height, width):
         return region
-    resized = F.interpolate(region.reshape(b * f, 1, height, width), size=(h, w), mode="area")
+    flat = region.reshape(b * f, 1, height, width)
+    if pool == "min":
+        resized = -F.adaptive_max_pool2d(-flat, (h, w))
+    else:
+        resized = F.interpolate(flat, size=(h, w), mode="area")
     return resized.reshape(b, f, h, w)
 
 
-def spatial_token_weights(region: torch.Tensor, tokens: int) -> torch.Tensor:
+def spatial_token_weights(region: torch.Tensor, tokens: int, pool: str = "area") -> torch.Tensor:
     """Region weights for a spatial attention's (b F, n, c) tokens: (b F, n, 1)."""
-    return rearrange(at_tokens(region, tokens), "b f h w -> (b f) (h w) 1")
+    return rearrange(at_tokens(region, tokens, pool), "b f h w -> (b f) (h w) 1")
 
 
-def temporal_token_weights(region: torch.Tensor, rows: int) -> torch.Tensor:
+def temporal_token_weights(region: torch.Tensor, rows: int, pool: str = "area") -> torch.Tensor:
     """Region weights for a motion module's (b h w, F, c) tokens: (b h w, F, 1)."""
     b = region.shape[0]
-    return rearrange(at_tokens(region, rows // b), "b f h w -> (b h w) f 1")
+    return rearrange(at_tokens(region, rows // b, pool), "b f h w -> (b h w) f 1")
+
+
+def subject_paths(subjects: list[torch.Tensor], radius: int = 2) -> list[torch.Tensor]:
+    """Where each M-MIVA's subject is or was, (F, H, W) each: frame i's mask with frame 0's (the
+    subject's place now and the place it leaves), grown by `radius` px."""
+    out = []
+    for s in subjects:
+        path = torch.maximum(s.float(), s[:1].float().expand_as(s))
+        out.append(F.max_pool2d(path[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0])
+    return out
+
+
+def exclusive_regions(subjects: list[torch.Tensor], radius: int = 2) -> list[torch.Tensor]:
+    """Mixing M-MIVAs: where each one acts, (F, H, W) each: everywhere but the other subjects' paths.
+
+    Each M-MIVA learned to hold everything but its subject still, so in a mix it would hold the other
+    subjects still too and one M-MIVA wins the frame; kept out of the others' paths, it moves its own
+    subject and holds the background, and leaves each other subject to that subject's M-MIVA.
+    """
+    paths = subject_paths(subjects, radius)
+    return [1 - torch.stack([p for k, p in enumerate(paths) if k != j]).amax(0) for j in range(len(paths))]
 
 
 def mask_steps(num_inference_steps: int, every: int = 5, until: float = 0.7) -> list[int]:

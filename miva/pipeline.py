@@ -379,11 +379,16 @@ class MivaPipeline:
     def _set_regions(self, manager, adapters: dict[str, float], fitted: dict[str, torch.Tensor], masked: list[str],
                      latents: torch.Tensor) -> torch.Tensor | None:
         """Confine the plain adapters to their part of the unified mask of `fitted` (eq. S5; an M-MIVA's
-        entry is its current subject masks, so the background follows a moving subject); returns it."""
+        entry is its current subject masks, so the background follows a moving subject), and M-MIVAs
+        mixed with other M-MIVAs to all but the others' subjects (`masks.exclusive_regions`); returns S*."""
         if not fitted:
             return None
         unified = masks_lib.unify_masks(list(fitted.values()))
         grid = latents.shape[-2:]
-        manager.set_regions({name: masks_lib.to_latent_grid(self.base.latent_regions((unified == j).float()), *grid)[None].to(latents)
-                             for name, j in self._region_index(adapters, fitted).items() if name not in masked})
+        regions = {name: (unified == j).float() for name, j in self._region_index(adapters, fitted).items()
+                   if name not in masked}
+        mixed = masked if len(masked) > 1 else []
+        regions.update(zip(mixed, masks_lib.exclusive_regions([fitted[name] for name in mixed])))
+        manager.set_regions({name: masks_lib.to_latent_grid(self.base.latent_regions(r), *grid)[None].to(latents)
+                             for name, r in regions.items()}, exclusive=mixed)
         return unified

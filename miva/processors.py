@@ -34,6 +34,7 @@ class MivaContext:
     num_frames: int | None = None  # frames per clip of the current forward pass
     temb: torch.Tensor | None = None  # (b, d_t) timestep embedding c_t of the current pass
     regions: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter -> (b, F, H, W) where it acts
+    exclusive: frozenset = frozenset()  # adapters whose regions reach a layer's tokens by min-pooling
     # M-MIVA (§3.4): the batch is [video; mask clip of streams[1]; mask clip of streams[2]; ...] in a
     # joint pass, and subjects[j] is M-MIVA j's subject confidence S^(j), (b, F, H, W) at the latent grid.
     streams: tuple[str | None, ...] = (None,)
@@ -43,8 +44,8 @@ class MivaContext:
     def active(self, adapters: nn.ModuleDict) -> list[tuple[str, nn.Module, float]]:
         return [(name, adapters[name], w) for name, w in self.weights.items() if w != 0 and name in adapters]
 
-    def set_regions(self, regions: dict[str, torch.Tensor]) -> None:
-        self.regions = dict(regions)
+    def set_regions(self, regions: dict[str, torch.Tensor], exclusive=()) -> None:
+        self.regions, self.exclusive = dict(regions), frozenset(exclusive)
         self._at_tokens = {}
 
     def set_subjects(self, subjects: dict[str, torch.Tensor], streams: tuple[str | None, ...] = (None,)) -> None:
@@ -63,7 +64,8 @@ class MivaContext:
         if region is None:
             return None
         resize = masks.temporal_token_weights if temporal else masks.spatial_token_weights
-        return self._cached((name, temporal, tokens), lambda: resize(region, tokens))
+        pool = "min" if name in self.exclusive else "area"
+        return self._cached((name, temporal, tokens), lambda: resize(region, tokens, pool))
 
     def weighted(self, name: str, weight: float, out: torch.Tensor, temporal: bool = False,
                  stream: int | None = None) -> torch.Tensor:

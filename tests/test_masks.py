@@ -101,6 +101,26 @@ def test_token_grids_follow_the_latent_aspect():
     assert masks.temporal_token_weights(region, 16).shape == (16, 2, 1)
 
 
+def test_min_pooled_regions_keep_only_tokens_wholly_inside():
+    region = torch.ones(1, 1, 4, 4)
+    region[0, 0, 0, 0] = 0
+    assert masks.at_tokens(region, 4).flatten().tolist() == [0.75, 1, 1, 1]
+    assert masks.at_tokens(region, 4, pool="min").flatten().tolist() == [0, 1, 1, 1]
+    assert masks.spatial_token_weights(region, 4, pool="min").flatten().tolist() == [0, 1, 1, 1]
+
+
+def test_mixed_m_mivas_keep_out_of_each_others_subject_paths():
+    a, b = torch.zeros(3, 16, 16), torch.zeros(3, 16, 16)
+    a[:, 2:4, 2:4] = 1
+    b[0, 10:12, 10:12] = 1  # b moves up: frame 2 is at rows 6-7
+    b[1, 8:10, 10:12] = 1
+    b[2, 6:8, 10:12] = 1
+    region_a, region_b = masks.exclusive_regions([a, b], radius=1)
+    assert region_a[2, 10, 10] == 0 and region_a[2, 6, 10] == 0  # where b starts and where it is now
+    assert region_a[2, 5, 9] == 0 and region_a[2, 2, 2] == 1 and region_a[0, 6, 10] == 1  # grown by 1 px; a's own
+    assert region_b[:, 2:4, 2:4].eq(0).all() and region_b[:, 14, 0].eq(1).all()
+
+
 def test_a_region_of_zeros_is_the_base_and_of_ones_is_the_adapter(tiny_base):
     stock = forward(tiny_base)
     manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "a")

@@ -233,3 +233,24 @@ def test_a_plain_adapter_in_an_m_miva_mix_acts_on_the_moving_background(pipe, fi
     out = pipe(first_frame, adapters={"p": 1.0, "m": 1.0}, masks={"m": subject}, **STEPS)
     predicted = out.subject_masks["m"]
     assert torch.equal(out.regions, masks_lib.unify_masks([predicted]))  # S* from the predicted masks, not frame 0
+
+
+def test_mixed_m_mivas_each_act_outside_the_others_subject(pipe, first_frame, subject):
+    manager = attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m1")
+    attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m2")
+    other = np.zeros((32, 32), np.float32)
+    other[8:24, 24:30] = 1
+    seen = []
+
+    def look(step, total):  # the regions of the step that just ran
+        context = manager.context
+        seen.append((set(context.regions), context.exclusive, context.regions.get("m1")))
+
+    pipe(first_frame, adapters={"m1": 1.0, "m2": 1.0}, masks={"m1": subject, "m2": other}, callback=look, **STEPS)
+    names, exclusive, m1 = seen[0]
+    m1 = m1[0, 0]
+    assert names == {"m1", "m2"} and exclusive == {"m1", "m2"}
+    grid = masks_lib.to_latent_grid(torch.from_numpy(other), *m1.shape)
+    assert m1[grid > 0.99].max() == 0 and m1[0, 0] == 1  # m1 stays off m2's subject, acts far from it
+    pipe(first_frame, adapters={"m1": 1.0}, masks={"m1": subject}, callback=look, **STEPS)
+    assert seen[-1][0] == set() and not seen[-1][1]  # alone, an M-MIVA acts everywhere (eq. 3 steers it)
