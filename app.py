@@ -120,7 +120,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                        dct_init, adain, guidance, lambda f, m: progress(f, desc=m)))
 
     def mix_seconds(image, frames, steps, seed, *rows, **__):
-        return studio.gpu_seconds(frames, steps, MAX_MIX) + 30  # + masks from text
+        return studio.gpu_seconds(frames, steps, MAX_MIX, masked=MAX_MIX) + 30  # + masks from text
 
     @on_gpu(mix_seconds)
     def mix(image, frames, steps, seed, *rows, progress=gr.Progress()):

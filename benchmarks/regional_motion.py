@@ -2,6 +2,7 @@
 
     python benchmarks/regional_motion.py [--n 20] [--steps 25] [--a adapters/move-left-masked]
                                          [--b adapters/move-up-masked] [--plain adapters/move-right]
+                                         [--mix composite|attention]
 
 For N held-out first frames with two objects (A, B; colours and shapes never in any training clip):
   mix      M-MIVA a on A's mask + M-MIVA b on B's mask: is A moved in a's direction and B in b's?
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from miva.metrics import DIRECTION_MIN, _direction, object_tracks  # noqa: E402
-from miva.pipeline import MivaPipeline  # noqa: E402
+from miva.pipeline import MIX_MODES, MivaPipeline  # noqa: E402
 from miva.toy.base import load_toy, toy_world  # noqa: E402
 from miva.toy.world import make_clip  # noqa: E402
 
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--b", type=Path, default=ROOT / "adapters" / "move-up-masked")
     parser.add_argument("--plain", type=Path, default=ROOT / "adapters" / "move-right")
     parser.add_argument("--device", default="cpu", help="cpu (the figures in the README) or cuda")
+    parser.add_argument("--mix", default="composite", choices=MIX_MODES,
+                        help="how the two M-MIVAs share the video (MivaPipeline's `mix`)")
     args = parser.parse_args()
     pipe = MivaPipeline(load_toy(device=args.device))
     a, b, plain = (pipe.load_adapter(p) for p in (args.a, args.b, args.plain))
@@ -93,7 +96,7 @@ def main() -> None:
         side = first.shape[0]
 
         def run(weights, masks, predicted=None):
-            out = pipe(first, adapters=weights, masks=masks, num_inference_steps=args.steps, seed=seed)
+            out = pipe(first, adapters=weights, masks=masks, num_inference_steps=args.steps, seed=seed, mix=args.mix)
             if predicted is not None:  # where the mask streams say each subject went
                 predicted += [direction(mask_shift(out.subject_masks[name].cpu()), side) == motion[name] for name in weights]
             return displacements(out.frames, starts)
@@ -112,7 +115,7 @@ def main() -> None:
         plain_hits.append(direction(db, side) == motion[b])
     accuracy = float(np.mean(hits))
     leakage = statistics.median(leaks) if leaks else float("nan")
-    print(f"toy base, {args.n} held-out two-object first frames, {args.steps} DDIM steps")
+    print(f"toy base, {args.n} held-out two-object first frames, {args.steps} DDIM steps, mix={args.mix}")
     print(f"mix {a} ({motion[a]}) on A + {b} ({motion[b]}) on B: per-object direction accuracy {accuracy:.2f}")
     got_a, got_b = np.asarray(hits[0::2]), np.asarray(hits[1::2])
     print(f"mix per still: both as asked {np.sum(got_a & got_b)}, only A {np.sum(got_a & ~got_b)}, "

@@ -8,6 +8,7 @@ import time
 import warnings
 
 from .backends import BASES as BASE_CHOICES
+from .pipeline import MIX_MODES
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -70,7 +71,7 @@ def cmd_animate(args) -> int:
     out = pipe(
         args.image, adapters=weights, num_frames=args.frames, num_inference_steps=args.steps, seed=args.seed,
         guidance_scale=args.guidance, shared_noise_ratio=args.shared_noise, dct_init=args.dct_init,
-        adain=not args.no_adain, fps=args.fps, masks=masks,
+        adain=not args.no_adain, fps=args.fps, masks=masks, mix=args.mix,
     )
     path = out.save(args.out)
     print(f"wrote {path} ({len(out.frames)} frames, {time.perf_counter() - start:.1f} s)")
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="confine an adapter to a region: a mask image, white = region, fitted like the image")
     animate.add_argument("--mask-text", action="append", default=[], metavar="ADAPTER=PHRASE",
                          help="confine an adapter to what a phrase names (Grounding DINO + SAM 2)")
+    animate.add_argument("--mix", default="composite", choices=MIX_MODES,
+                         help="several M-MIVAs: one pass each, composited by subject (default), or one shared pass")
     animate.add_argument("--base", default="toy", choices=BASE_CHOICES)
     animate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     animate.set_defaults(run=cmd_animate)

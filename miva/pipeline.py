@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .data import clips_to_tensor
 from .media import fit_image, image_to_tensor, load_image, save_video
 
 ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"
+MIX_MODES = ("composite", "attention")  # how a mix with M-MIVAs shares a call (`MivaPipeline.__call__`)
 
 
 @dataclass
@@ -199,6 +201,49 @@ class MivaPipeline:
                 manager.context.streams = (None,)
         return prediction if streams is None else (prediction, torch.cat(outputs[1:]))
 
+    def predict_composite(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float,
+                          streams: MaskStreams, fitted: dict[str, torch.Tensor], due: bool):
+        """A mix with M-MIVAs, composited: one UNet pass per M-MIVA, as if it were alone in the call (its
+        subject mask biases the attention with eq. 3, its mask clip runs with it when `due`), one pass
+        for the plain adapters together (on their regions, unbiased), and each subject's path
+        (`masks.subject_paths`: where it is and where it was; overlaps go to the later M-MIVA, as in
+        eq. S5) takes its own M-MIVA's prediction, the rest of the frame the plain adapters' (without
+        any: the mean of the M-MIVAs' passes, which all hold it still).
+
+        Each M-MIVA learned to hold everything but its subject still, so in one shared pass each
+        holds the other subjects (and a plain adapter's background) still as well; here everything is
+        drawn by a pass in which the adapter meant for it acts alone. Costs one UNet pass per M-MIVA,
+        one for the plain adapters and one more for motion guidance. Returns (video prediction, mask
+        predictions or None).
+        """
+        names, context = streams.names, adapters_of(self.base.unet).context
+        plain = {name: w for name, w in adapters.items() if name not in names and w != 0}
+        predictions, mask_predictions = [], []
+        for k, name in enumerate(names):
+            own = (dataclasses.replace(streams, names=[name], latents=streams.latents[k : k + 1],
+                                       firsts=streams.firsts[k : k + 1]) if due else None)
+            out = self.predict(latents, first, timestep, {name: adapters[name]}, 1.0, own)
+            predictions.append(out[0] if due else out)
+            if due:
+                mask_predictions.append(out[1])
+        subjects = context.subjects
+        try:
+            context.set_subjects({})  # the passes below have no M-MIVA, so no subject to bias them
+            rest = self.predict(latents, first, timestep, plain, 1.0) if plain else torch.stack(predictions).mean(0)
+            base_prediction = self.predict(latents, first, timestep, {}, 1.0) if guidance_scale != 1 else None
+        finally:
+            context.set_subjects(subjects)
+        grid, prediction, covered = latents.shape[-2:], rest, None
+        for name, p in reversed(list(zip(names, predictions))):  # a later M-MIVA's path covers an earlier one's
+            path = masks_lib.subject_paths([fitted[name]])[0]
+            path = path if covered is None else path * (1 - covered)
+            covered = path if covered is None else covered + path
+            owner = masks_lib.to_latent_grid(self.base.latent_regions(path), *grid).to(latents)[None, None]
+            prediction = prediction + owner * (p - rest)
+        if base_prediction is not None:
+            prediction = base_prediction + guidance_scale * (prediction - base_prediction)
+        return prediction, torch.cat(mask_predictions) if due else None
+
     def mask_streams(self, masked: list[str], fitted: dict[str, torch.Tensor], first_latent: torch.Tensor,
                      num_frames: int, scheduler, generator, num_inference_steps: int, mask_steps, mask_tolerance,
                      init: dict) -> MaskStreams:
@@ -279,6 +324,7 @@ class MivaPipeline:
         masks: dict[str, object] | None = None,
         mask_steps: list[int] | str | None = None,
         mask_tolerance: float | None = None,
+        mix: str = "composite",
     ) -> MivaOutput:
         """Animate `image` with `adapters` ({name: weight}, weights in [0, 2]; None = all at 1).
 
@@ -289,6 +335,10 @@ class MivaPipeline:
         biases the video's attention with it (§3.4), regenerating it only at `mask_steps` (default:
         the paper's {0, 5, ..., 35} of 50, scaled; "all" = every step) and not at all once it changes
         less than `mask_tolerance` between two of them. `dct_init` None follows the base (`Base.dct_init`).
+        `mix` decides how a mix with M-MIVAs shares the video: "composite" (default) runs the UNet once
+        per M-MIVA, each as if alone, and once for the plain adapters, and takes each subject's path
+        from its own M-MIVA's prediction (`predict_composite`); "attention" mixes them in one pass
+        (eq. S4-S6), M-MIVAs kept off each other's subject paths (`masks.exclusive_regions`).
         """
         base = self.base
         num_frames = base.frames if num_frames is None else num_frames
@@ -306,8 +356,11 @@ class MivaPipeline:
                 int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             )
 
+        if mix not in MIX_MODES:
+            raise ValueError(f"mix is {mix!r}; use one of {', '.join(MIX_MODES)}.")
         masks = masks or {}
         masked = [name for name, w in adapters.items() if w != 0 and attached[name].masked]
+        composite = mix == "composite" and bool(masked) and sum(w != 0 for w in adapters.values()) > 1
         fitted = self.fitted_masks(adapters, masks, num_frames, height, width) if masks else {}
         first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
@@ -319,22 +372,29 @@ class MivaPipeline:
         streams = (self.mask_streams(masked, fitted, first, num_frames, scheduler, generator, num_inference_steps,
                                      mask_steps, mask_tolerance, init) if masked else None)
         manager = adapters_of(base.unet)
-        regions = self._set_regions(manager, adapters, fitted, masked, latents) if manager is not None else None
+        confine = dict(manager=manager, adapters=adapters, masked=masked, latents=latents, exclusive=not composite)
+        regions = self._set_regions(fitted=fitted, **confine) if manager is not None else None
         try:
             if streams is not None:
                 manager.context.set_subjects(streams.context_subjects())
             for i, t in enumerate(scheduler.timesteps):
                 latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
                 model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-                if streams is not None and streams.due(i):
+                due = streams is not None and streams.due(i)
+                if due:
                     streams.latents[:, :, 0] = streams.firsts
+                if composite:
+                    prediction, mask_prediction = self.predict_composite(model_input, first, t, adapters, guidance_scale,
+                                                                         streams, fitted, due)
+                elif due:
                     prediction, mask_prediction = self.predict(model_input, first, t, adapters, guidance_scale, streams)
+                else:
+                    prediction = self.predict(model_input, first, t, adapters, guidance_scale)
+                if due:
                     self.update_masks(streams, mask_prediction, scheduler.timesteps, i)
                     manager.context.set_subjects(streams.context_subjects())  # guides the following steps
                     fitted.update(zip(streams.names, streams.pixels.to(torch.float32).cpu()))
-                    regions = self._set_regions(manager, adapters, fitted, masked, latents)
-                else:
-                    prediction = self.predict(model_input, first, t, adapters, guidance_scale)
+                    regions = self._set_regions(fitted=fitted, **confine)
                 latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
                 if callback is not None:
                     callback(i + 1, len(scheduler.timesteps))
@@ -377,17 +437,18 @@ class MivaPipeline:
         return masks_lib.unify_masks(list(self.fitted_masks(adapters, masks, num_frames, height, width).values()))
 
     def _set_regions(self, manager, adapters: dict[str, float], fitted: dict[str, torch.Tensor], masked: list[str],
-                     latents: torch.Tensor) -> torch.Tensor | None:
+                     latents: torch.Tensor, exclusive: bool = True) -> torch.Tensor | None:
         """Confine the plain adapters to their part of the unified mask of `fitted` (eq. S5; an M-MIVA's
-        entry is its current subject masks, so the background follows a moving subject), and M-MIVAs
-        mixed with other M-MIVAs to all but the others' subjects (`masks.exclusive_regions`); returns S*."""
+        entry is its current subject masks, so the background follows a moving subject), and, if
+        `exclusive`, M-MIVAs mixed with other M-MIVAs to all but the others' subjects
+        (`masks.exclusive_regions`); returns S*."""
         if not fitted:
             return None
         unified = masks_lib.unify_masks(list(fitted.values()))
         grid = latents.shape[-2:]
         regions = {name: (unified == j).float() for name, j in self._region_index(adapters, fitted).items()
                    if name not in masked}
-        mixed = masked if len(masked) > 1 else []
+        mixed = masked if exclusive and len(masked) > 1 else []
         regions.update(zip(mixed, masks_lib.exclusive_regions([fitted[name] for name in mixed])))
         manager.set_regions({name: masks_lib.to_latent_grid(self.base.latent_regions(r), *grid)[None].to(latents)
                              for name, r in regions.items()}, exclusive=mixed)

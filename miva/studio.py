@@ -71,10 +71,13 @@ class Studio:
         self.runs.mkdir(exist_ok=True)
 
     # -- time on a GPU ----------------------------------------------------------------------------
-    def gpu_seconds(self, frames: int = 16, steps: int = 25, adapters: int = 1, guidance: float = 1.0) -> int:
-        """An upper estimate of one animate call's GPU time (a Space asks for this much)."""
+    def gpu_seconds(self, frames: int = 16, steps: int = 25, adapters: int = 1, guidance: float = 1.0,
+                    masked: int = 0) -> int:
+        """An upper estimate of one animate call's GPU time (a Space asks for this much); `masked` of the
+        adapters are M-MIVAs (a mix with them is composited: one UNet pass per M-MIVA, one for the rest)."""
         fixed, per_frame_step, _ = GPU_COST.get(self.pipe.base.id, DEFAULT_GPU_COST)
-        passes = 2 if guidance != 1 and adapters else 1
+        passes = masked + (adapters > masked) if masked and adapters > 1 else 1
+        passes += 1 if guidance != 1 and adapters else 0
         return int(fixed + per_frame_step * int(frames) * int(steps) * passes * (1 + 0.2 * adapters))
 
     def train_seconds(self, steps: int) -> int:

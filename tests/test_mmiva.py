@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from miva import masks as masks_lib
-from miva.adapter import attach, load_adapter
+from miva.adapter import adapters_of, attach, load_adapter
 from miva.backends import load_base, meta_unet
 from miva.cli import main
 from miva.config import MivaConfig
@@ -235,7 +235,7 @@ def test_a_plain_adapter_in_an_m_miva_mix_acts_on_the_moving_background(pipe, fi
     assert torch.equal(out.regions, masks_lib.unify_masks([predicted]))  # S* from the predicted masks, not frame 0
 
 
-def test_mixed_m_mivas_each_act_outside_the_others_subject(pipe, first_frame, subject):
+def test_mixed_m_mivas_in_one_pass_each_act_outside_the_others_subject(pipe, first_frame, subject):
     manager = attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m1")
     attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), "m2")
     other = np.zeros((32, 32), np.float32)
@@ -246,7 +246,8 @@ def test_mixed_m_mivas_each_act_outside_the_others_subject(pipe, first_frame, su
         context = manager.context
         seen.append((set(context.regions), context.exclusive, context.regions.get("m1")))
 
-    pipe(first_frame, adapters={"m1": 1.0, "m2": 1.0}, masks={"m1": subject, "m2": other}, callback=look, **STEPS)
+    pipe(first_frame, adapters={"m1": 1.0, "m2": 1.0}, masks={"m1": subject, "m2": other}, callback=look,
+         mix="attention", **STEPS)
     names, exclusive, m1 = seen[0]
     m1 = m1[0, 0]
     assert names == {"m1", "m2"} and exclusive == {"m1", "m2"}
@@ -254,3 +255,63 @@ def test_mixed_m_mivas_each_act_outside_the_others_subject(pipe, first_frame, su
     assert m1[grid > 0.99].max() == 0 and m1[0, 0] == 1  # m1 stays off m2's subject, acts far from it
     pipe(first_frame, adapters={"m1": 1.0}, masks={"m1": subject}, callback=look, **STEPS)
     assert seen[-1][0] == set() and not seen[-1][1]  # alone, an M-MIVA acts everywhere (eq. 3 steers it)
+
+
+@pytest.fixture
+def two_m_mivas(pipe, subject):
+    """m1 on `subject`, m2 on a strip to its right, both with random weights."""
+    for name in ("m1", "m2"):
+        manager = attach(pipe.base.unet, MivaConfig(base="tiny", masked=True), name)
+        randomize(manager.parameters(name), scale=0.1)
+    other = np.zeros((32, 32), np.float32)
+    other[8:24, 24:30] = 1
+    return {"m1": subject, "m2": other}
+
+
+def test_composited_m_mivas_each_run_as_if_alone(pipe, first_frame, two_m_mivas, monkeypatch):
+    """The default mix: one pass per M-MIVA, the only adapter acting in it, with its own mask clip at
+    the mask steps and unconfined; one pass for the plain adapters, on the background, with no
+    subject biasing it; each subject's mask sequence still comes back."""
+    attach(pipe.base.unet, MivaConfig(base="tiny"), "p")
+    context = adapters_of(pipe.base.unet).context
+    calls, predict = [], pipe.predict
+
+    def spy(latents, first, timestep, adapters, guidance_scale, streams=None):
+        calls.append((dict(adapters), None if streams is None else list(streams.names), set(context.regions),
+                      set(context.subjects)))
+        return predict(latents, first, timestep, adapters, guidance_scale, streams)
+
+    monkeypatch.setattr(pipe, "predict", spy)
+    out = pipe(first_frame, adapters={"m1": 1.0, "p": 0.7, "m2": 0.5}, masks=two_m_mivas, **STEPS)
+    assert len(calls) == 3 * STEPS["num_inference_steps"]
+    assert [c[0] for c in calls[:3]] == [{"m1": 1.0}, {"m2": 0.5}, {"p": 0.7}]
+    assert all(regions == {"p"} for _, _, regions, _ in calls)  # p on the background; the M-MIVAs unconfined
+    assert [c[3] for c in calls[:3]] == [{"m1", "m2"}, {"m1", "m2"}, set()]
+    due = masks_lib.mask_steps(10)  # steps 0..7 run the mask clips, 8 and 9 reuse the masks
+    assert [c[1] for c in calls[1::3]] == [["m2"] if i in due else None for i in range(10)]
+    assert set(out.subject_masks) == {"m1", "m2"} and out.mask_passes == len(due)
+    assert out.frames.shape == (4, 32, 32, 3)
+    assert context.subjects == {} and context.regions == {}  # nothing left behind for the next call
+    with pytest.raises(ValueError, match="use one of composite, attention"):
+        pipe(first_frame, adapters={"m1": 1.0, "m2": 1.0}, masks=two_m_mivas, mix="blend", **STEPS)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_each_subject_path_takes_its_own_m_mivas_prediction(pipe, two_m_mivas, monkeypatch, plain):
+    """m1's path from m1's pass, m2's (the later one, on top where they meet) from m2's, the rest the
+    plain adapters' pass (without one, the M-MIVA passes' mean); motion guidance then applies to the
+    composite."""
+    value = {"m1": 1.0, "m2": 3.0, "p": 5.0}
+    monkeypatch.setattr(pipe, "predict", lambda latents, first, t, adapters, g, streams=None: torch.full_like(
+        latents, value[next(iter(adapters))] if adapters else 0.0))
+    fitted = {name: torch.from_numpy(m)[None].expand(4, -1, -1) for name, m in two_m_mivas.items()}
+    latents = torch.zeros(1, 4, 4, 16, 16)
+    streams = type("Streams", (), {"names": ["m1", "m2"]})()
+    adapters = {"m1": 1.0, "m2": 1.0, **({"p": 1.0} if plain else {})}
+    out, masks = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, fitted, due=False)
+    assert masks is None
+    frame = out[0, 0, 1]  # latent grid 16x16: m1's subject rows 4:12, cols 2:10; m2's cols 12:15
+    assert torch.allclose(frame[6, 5], torch.tensor(1.0)) and torch.allclose(frame[6, 13], torch.tensor(3.0))
+    assert torch.allclose(frame[0, 0], torch.tensor(5.0 if plain else 2.0))  # the rest
+    guided, _ = pipe.predict_composite(latents, None, 500, adapters, 2.0, streams, fitted, due=False)
+    assert torch.allclose(guided, 2 * out)  # base prediction 0: p = 0 + 2 (composite - 0)
