@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def main() -> None:
     a, b, plain = (pipe.load_adapter(p) for p in (args.a, args.b, args.plain))
     motion = {name: pipe.adapters[name].motion for name in (a, b, plain)}
     config = dataclasses.replace(toy_world(), num_objects=2)
-    hits, leaks, plain_hits, moved_px, alone, apart, mask_hits = [], [], [], [], [], [], []
+    hits, leaks, plain_hits, moved_px, alone, apart, mask_hits, seconds = [], [], [], [], [], [], [], {}
     for seed in range(args.n):
         clip = make_clip("move-left", 5000 + seed, config, split="heldout")  # its first frame: two still objects
         first, (mask_a, mask_b) = clip.frames[0], clip.masks[0].astype(np.float32)
@@ -96,7 +97,9 @@ def main() -> None:
         side = first.shape[0]
 
         def run(weights, masks, predicted=None):
+            start = time.perf_counter()
             out = pipe(first, adapters=weights, masks=masks, num_inference_steps=args.steps, seed=seed, mix=args.mix)
+            seconds.setdefault(len(weights), []).append(time.perf_counter() - start)
             if predicted is not None:  # where the mask streams say each subject went
                 predicted += [direction(mask_shift(out.subject_masks[name].cpu()), side) == motion[name] for name in weights]
             return displacements(out.frames, starts)
@@ -134,6 +137,8 @@ def main() -> None:
         print(f"mix accuracy with A and B starting {label} apart (centres): "
               f"{np.mean(np.asarray(hits)[pick]) if pick.any() else float('nan'):.2f} ({pick.sum() // 2} stills)")
     print(f"MIVA {plain} (background) + M-MIVA {b} on B: B's direction accuracy {np.mean(plain_hits):.2f}")
+    print(f"seconds per video (median): one M-MIVA {statistics.median(seconds[1]):.2f}, "
+          f"two adapters {statistics.median(seconds[2]):.2f}")
     print(f"regional_accuracy {accuracy:.3f} leakage {leakage:.3f}")
 
 

@@ -104,3 +104,23 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[-2].startswith("error: no usable clips") or "no usable" in errors[-2]
     assert errors[-1] == "error: --stills needs --camera (zoom-in, zoom-out, pan-left or pan-right)."
+
+
+def test_animate_mixes_m_mivas_composited_or_in_one_pass(tmp_path, image, tiny_base, monkeypatch):
+    from miva.pipeline import MivaPipeline
+
+    common = ["animate", "--base", "tiny", "--image", str(image), "--frames", "3", "--steps", "2",
+              "--out", str(tmp_path / "out.gif")]
+    for name, columns in (("a", slice(0, 20)), ("b", slice(20, 40))):
+        attach(tiny_base.unet, MivaConfig(base="tiny", motion=name, masked=True), name)
+        save_adapter(tiny_base.unet, name, tmp_path / name)
+        region = np.zeros((48, 40), np.uint8)
+        region[:, columns] = 255
+        Image.fromarray(region).save(tmp_path / f"{name}.png")
+        common += ["--adapter", str(tmp_path / name), "--mask", f"{name}={tmp_path / name}.png"]
+    passes, composite = [], MivaPipeline.predict_composite
+    monkeypatch.setattr(MivaPipeline, "predict_composite", lambda self, *a: passes.append(1) or composite(self, *a))
+    assert main(common) == 0 and len(passes) == 2  # the default: composited at each of the 2 steps
+    assert main([*common, "--mix", "attention"]) == 0 and len(passes) == 2  # one shared pass
+    with pytest.raises(SystemExit):
+        main([*common, "--mix", "blend"])
