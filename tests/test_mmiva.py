@@ -315,3 +315,6 @@ def test_each_subject_path_takes_its_own_m_mivas_prediction(pipe, two_m_mivas, m
     assert torch.allclose(frame[0, 0], torch.tensor(5.0 if plain else 2.0))  # the rest
     guided, _ = pipe.predict_composite(latents, None, 500, adapters, 2.0, streams, fitted, due=False)
     assert torch.allclose(guided, 2 * out)  # base prediction 0: p = 0 + 2 (composite - 0)
+    fitted["m1"] = fitted["m2"]  # the same subject for both: the later M-MIVA draws it
+    out, _ = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, fitted, due=False)
+    assert torch.allclose(out[0, 0, 1, 6, 13], torch.tensor(3.0)) and torch.allclose(out[0, 0, 1, 6, 5], out[0, 0, 1, 0, 0])
