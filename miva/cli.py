@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--mask-text", action="append", default=[], metavar="ADAPTER=PHRASE",
                          help="confine an adapter to what a phrase names (Grounding DINO + SAM 2)")
     animate.add_argument("--mix", default="composite", choices=MIX_MODES,
-                         help="several M-MIVAs: one pass each, composited by subject (default), or one shared pass")
+                         help="a mix with M-MIVAs: one pass per M-MIVA, composited by subject (default), or one shared pass (eq. S4)")
     animate.add_argument("--base", default="toy", choices=BASE_CHOICES)
     animate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     animate.set_defaults(run=cmd_animate)
