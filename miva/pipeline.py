@@ -201,14 +201,26 @@ class MivaPipeline:
                 manager.context.streams = (None,)
         return prediction if streams is None else (prediction, torch.cat(outputs[1:]))
 
+    def composite_owners(self, names: list[str], fitted: dict[str, torch.Tensor], latents: torch.Tensor):
+        """Where each M-MIVA of a composite draws, (1, 1, f, h, w) weights at the latent grid, in the order
+        of `names`: its subject's path (`masks.subject_paths`: where it is and where it was), less the
+        paths of the M-MIVAs after it (overlaps go to the later one, as in eq. S5)."""
+        owners, covered = [], None
+        for name in reversed(names):
+            path = masks_lib.subject_paths([fitted[name]])[0]
+            path = path if covered is None else path * (1 - covered)
+            covered = path if covered is None else covered + path
+            owners.append(masks_lib.to_latent_grid(self.base.latent_regions(path), *latents.shape[-2:])
+                          .to(latents)[None, None])
+        return owners[::-1]
+
     def predict_composite(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float,
-                          streams: MaskStreams, fitted: dict[str, torch.Tensor], due: bool):
+                          streams: MaskStreams, owners: list[torch.Tensor], due: bool):
         """A mix with M-MIVAs, composited: one UNet pass per M-MIVA, as if it were alone in the call (its
         subject mask biases the attention with eq. 3, its mask clip runs with it when `due`), one pass
-        for the plain adapters together (on their regions, unbiased), and each subject's path
-        (`masks.subject_paths`: where it is and where it was; overlaps go to the later M-MIVA, as in
-        eq. S5) takes its own M-MIVA's prediction, the rest of the frame the plain adapters' (without
-        any: the mean of the M-MIVAs' passes, which all hold it still).
+        for the plain adapters together (on their regions, unbiased), and each subject's path (its
+        `owners` weights, from `composite_owners`) takes its own M-MIVA's prediction, the rest of the
+        frame the plain adapters' (without any: the mean of the M-MIVAs' passes, which all hold it still).
 
         Each M-MIVA learned to hold everything but its subject still, so in one shared pass each
         holds the other subjects (and a plain adapter's background) still as well; here everything is
@@ -233,12 +245,8 @@ class MivaPipeline:
             base_prediction = self.predict(latents, first, timestep, {}, 1.0) if guidance_scale != 1 else None
         finally:
             context.set_subjects(subjects)
-        grid, prediction, covered = latents.shape[-2:], rest, None
-        for name, p in reversed(list(zip(names, predictions))):  # a later M-MIVA's path covers an earlier one's
-            path = masks_lib.subject_paths([fitted[name]])[0]
-            path = path if covered is None else path * (1 - covered)
-            covered = path if covered is None else covered + path
-            owner = masks_lib.to_latent_grid(self.base.latent_regions(path), *grid).to(latents)[None, None]
+        prediction = rest
+        for owner, p in zip(owners, predictions):
             prediction = prediction + owner * (p - rest)
         if base_prediction is not None:
             prediction = base_prediction + guidance_scale * (prediction - base_prediction)
@@ -374,6 +382,7 @@ class MivaPipeline:
         manager = adapters_of(base.unet)
         confine = dict(manager=manager, adapters=adapters, masked=masked, latents=latents, exclusive=not composite)
         regions = self._set_regions(fitted=fitted, **confine) if manager is not None else None
+        owners = self.composite_owners(masked, fitted, latents) if composite else None  # renewed with the masks
         try:
             if streams is not None:
                 manager.context.set_subjects(streams.context_subjects())
@@ -385,7 +394,7 @@ class MivaPipeline:
                     streams.latents[:, :, 0] = streams.firsts
                 if composite:
                     prediction, mask_prediction = self.predict_composite(model_input, first, t, adapters, guidance_scale,
-                                                                         streams, fitted, due)
+                                                                         streams, owners, due)
                 elif due:
                     prediction, mask_prediction = self.predict(model_input, first, t, adapters, guidance_scale, streams)
                 else:
@@ -395,6 +404,7 @@ class MivaPipeline:
                     manager.context.set_subjects(streams.context_subjects())  # guides the following steps
                     fitted.update(zip(streams.names, streams.pixels.to(torch.float32).cpu()))
                     regions = self._set_regions(fitted=fitted, **confine)
+                    owners = self.composite_owners(masked, fitted, latents) if composite else None
                 latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
                 if callback is not None:
                     callback(i + 1, len(scheduler.timesteps))

@@ -45,14 +45,13 @@ def demo_gif(studio, image: Path, out: Path, seed: int = 0) -> Path:
     """Each catalogue adapter on the same first frame and seed, in a row, with the base alone first
     (an M-MIVA gets the frame's objects, segmented from the background, as its subject)."""
     names = [("", "base alone")] + [(a.name, a.label) for a in studio.catalogue()]
-    columns = []
+    columns, subject = [], objects_of(image).any(0)
     for name, label in names:
         if not name:
             frames = studio.pipe(image, adapters={}, seed=seed).frames
         else:
             key = studio.pipe.load_adapter(studio.resolve(name), name=f"demo-{name}")
             masked = studio.pipe.adapters[key].masked
-            subject = objects_of(image).any(0) if masked else None
             frames = studio.pipe(image, adapters={key: 1.0}, seed=seed, masks={key: subject} if masked else None).frames
             studio.pipe.unload_adapter(key)
         columns.append(column(frames, label))

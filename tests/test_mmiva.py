@@ -306,15 +306,18 @@ def test_each_subject_path_takes_its_own_m_mivas_prediction(pipe, two_m_mivas, m
         latents, value[next(iter(adapters))] if adapters else 0.0))
     fitted = {name: torch.from_numpy(m)[None].expand(4, -1, -1) for name, m in two_m_mivas.items()}
     latents = torch.zeros(1, 4, 4, 16, 16)
-    streams = type("Streams", (), {"names": ["m1", "m2"]})()
+    names = ["m1", "m2"]
+    streams = type("Streams", (), {"names": names})()
     adapters = {"m1": 1.0, "m2": 1.0, **({"p": 1.0} if plain else {})}
-    out, masks = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, fitted, due=False)
+    owners = pipe.composite_owners(names, fitted, latents)
+    out, masks = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, owners, due=False)
     assert masks is None
     frame = out[0, 0, 1]  # latent grid 16x16: m1's subject rows 4:12, cols 2:10; m2's cols 12:15
     assert torch.allclose(frame[6, 5], torch.tensor(1.0)) and torch.allclose(frame[6, 13], torch.tensor(3.0))
     assert torch.allclose(frame[0, 0], torch.tensor(5.0 if plain else 2.0))  # the rest
-    guided, _ = pipe.predict_composite(latents, None, 500, adapters, 2.0, streams, fitted, due=False)
+    guided, _ = pipe.predict_composite(latents, None, 500, adapters, 2.0, streams, owners, due=False)
     assert torch.allclose(guided, 2 * out)  # base prediction 0: p = 0 + 2 (composite - 0)
     fitted["m1"] = fitted["m2"]  # the same subject for both: the later M-MIVA draws it
-    out, _ = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, fitted, due=False)
+    owners = pipe.composite_owners(names, fitted, latents)
+    out, _ = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, owners, due=False)
     assert torch.allclose(out[0, 0, 1, 6, 13], torch.tensor(3.0)) and torch.allclose(out[0, 0, 1, 6, 5], out[0, 0, 1, 0, 0])
