@@ -1,6 +1,6 @@
 """Do the shipped toy adapters make the motion they were taught? Measured from the frames.
 
-    python benchmarks/motion_accuracy.py [--n 20] [--steps 25] [--adapters adapters]
+    python benchmarks/motion_accuracy.py [--n 20] [--steps 25] [--adapters adapters] [--guidance 1]
 
 For each adapter in the folder (toy base; an M-MIVA gets the still's object as its mask): animate
 N held-out first frames (colours and shapes never in any training clip; textured backgrounds for a
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--adapters", type=Path, default=ROOT / "adapters")
+    parser.add_argument("--guidance", type=float, default=1.0, help="motion guidance g (1 = off, the paper's and the default)")
     parser.add_argument("--device", default="cpu", help="cpu (the figures in the README) or cuda")
     args = parser.parse_args()
     pipe = MivaPipeline(load_toy(device=args.device))
@@ -56,7 +57,8 @@ def main() -> None:
             # an M-MIVA gets its subject: the still's object, segmented from the background
             masks = {name: object_masks(still[None])[0].any(0)} if config.masked else None
             start = time.perf_counter()
-            frames = pipe(still, adapters={name: 1.0}, num_inference_steps=args.steps, seed=i, masks=masks).frames
+            frames = pipe(still, adapters={name: 1.0}, num_inference_steps=args.steps, seed=i, masks=masks,
+                          guidance_scale=args.guidance).frames
             seconds.append(time.perf_counter() - start)
             motions.append(classify_motion(frames))
         pipe.unload_adapter(name)

@@ -8,7 +8,7 @@ import time
 import warnings
 
 from .backends import BASES as BASE_CHOICES
-from .pipeline import MIX_MODES
+from .pipeline import MIX_MODES, resolve_adapter
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -128,6 +128,7 @@ def cmd_train(args) -> int:
 
     if args.mask_loss_weight != 1 and not (args.masked or args.mask_text):  # in flags, before loading (train_adapter refuses it too)
         raise ValueError("--mask-loss-weight weighs an M-MIVA's mask clips; add --masked (or --mask-text), or leave it out.")
+    init = resolve_adapter(args.init) if args.init else None  # before the base is loaded
     pipe = load_pipeline(args)
     with warnings.catch_warnings():  # skipped files are printed below, once each
         warnings.simplefilter("ignore", UserWarning)
@@ -145,6 +146,7 @@ def cmd_train(args) -> int:
         seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, callback=progress,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         sources=clipset.names, augment=args.augment, masks=clipset.masks, mask_loss_weight=args.mask_loss_weight,
+        init=init,
     )
     print(f"wrote adapter {folder}")
     return 0
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train an M-MIVA whose subject masks come from this phrase (Grounding DINO + SAM 2)")
     train.add_argument("--mask-loss-weight", type=float, default=1.0,
                        help="M-MIVA: weight of the mask clips' loss against the video's (1: the paper's; toy adapters: 0.1)")
+    train.add_argument("--init", default=None, metavar="PATH_OR_NAME",
+                       help="start from a trained adapter of the same base (e.g. an M-MIVA from the MIVA of its motion)")
     train.add_argument("--frames", type=int, default=None, help="frames per clip (default: the base's, 16)")
     train.add_argument("--stride", type=int, default=1, help="take every N-th frame of each clip")
     train.add_argument("--seed", type=int, default=0)

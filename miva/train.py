@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import masks as masks_lib
 from . import schedules
-from .adapter import attach, check_adapter_name, detach, save_adapter
+from .adapter import attach, check_adapter_name, detach, read_adapter, save_adapter
 from .backends import Base, encode_frames
 from .config import WEIGHTS_NAME, MivaConfig
 from .data import clips_to_tensor
@@ -350,6 +350,24 @@ def save_preview(pipe, name: str, first: np.ndarray, out: Path, frames: int, ste
     return video.save(Path(out) / "preview.gif")
 
 
+def start_from(manager, name: str, folder: str | Path) -> None:
+    """Set adapter `name`'s weights to those of the trained adapter in `folder` (same base and ranks).
+
+    An M-MIVA started from a plain MIVA takes its CFA, implicit prompt and temporal LoRA, and its
+    mask stream's twin CFA starts as a copy of that CFA (§3.4: "identically initialized"), so the
+    mask stream begins by moving the mask the way the video moves. A MIVA started from an M-MIVA
+    takes the parts they share.
+    """
+    folder = Path(folder)
+    config, tensors = read_adapter(folder)
+    if config.base != manager.base:
+        raise ValueError(f"the adapter to start from, '{folder.name}', was made for base '{config.base}' "
+                         f"but this run trains on '{manager.base}'; start from an adapter of the same base.")
+    twins = {k: k.replace(".mask_adapters.", ".adapters.") for k in manager.parameters(name)}
+    start = {k: tensors[k if k in tensors else twin] for k, twin in twins.items() if k in tensors or twin in tensors}
+    manager.load_state_dict(name, start, source=f"the adapter to start from ({folder / WEIGHTS_NAME})")
+
+
 def train_adapter(
     pipe,
     clips: list[np.ndarray],
@@ -372,13 +390,15 @@ def train_adapter(
     augment: int = 1,
     masks: list[np.ndarray] | None = None,
     mask_loss_weight: float = 1.0,
+    init: str | Path | None = None,
 ) -> Path | None:
     """Teach `pipe`'s base a motion from `clips`; write the adapter (card, preview GIF, loss curve) to `out`.
 
     `augment` > 1 trains on that many colour variants of each clip (`colour_variants`), so a motion
     taught from a few clips is not tied to their colours. `masks` (one (F, H, W) subject mask
     sequence in [0, 1] per clip) trains an M-MIVA (§3.4) instead of a MIVA, its mask clips' loss
-    weighted by `mask_loss_weight` (see `MaskTraining`).
+    weighted by `mask_loss_weight` (see `MaskTraining`). `init` (an adapter folder) starts from that
+    adapter's weights instead of the zero-initialised ones (`start_from`).
 
     Returns the adapter folder, or None when `should_stop` ended the run early (its checkpoint stays,
     so `resume=True` continues it).
@@ -411,15 +431,19 @@ def train_adapter(
     if config.masked and masks is None:
         raise ValueError("an M-MIVA (masked=True) trains from clips with subject masks; pass masks=, one per clip.")
     config.motion = motion
+    started = {"init": Path(init).name} if init is not None else {}  # recorded in the card and the checkpoint
     config.training = {"clips": len(clips), "frames": frames, "steps": steps, "lr": lr, "batch": batch,
                        "seed": seed, "augment": augment, "sources": list(sources or [])[:16],
-                       **({"mask_loss_weight": mask_loss_weight} if masks is not None else {})}
+                       **({"mask_loss_weight": mask_loss_weight} if masks is not None else {}),
+                       **started}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         manager = attach(base.unet, config, name, base=base.id)
     try:
         manager.set_trainable(name)
         manager.set_weights({name: 1.0})
+        if init is not None:  # a resumed run's checkpoint replaces these weights
+            start_from(manager, name, init)
         if gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
         params = manager.parameters(name)
@@ -444,7 +468,8 @@ def train_adapter(
                   "seed": seed, "lr": lr, "augment": augment,
                   # an M-MIVA's mask-dropout schedule depends on the run's length
                   **({"masked": True, "steps": steps} if config.masked else {}),
-                  **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {})},
+                  **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {}),
+                  **started},
             callback=callback, should_stop=should_stop,
         )
         base.unet.eval()

@@ -1,7 +1,7 @@
 """Train the shipped toy adapters in adapters/ with the public CLI, from at most 8 toy clips each.
 
     python scripts/train_toy_adapters.py [--steps 400] [--clips 8] [--only move-left ...]
-    python scripts/train_toy_adapters.py --masked --only move-left move-up   # M-MIVAs: adapters/NAME-masked
+    python scripts/train_toy_adapters.py --masked --from-plain --only move-left move-up   # M-MIVAs: adapters/NAME-masked
     python scripts/train_toy_adapters.py --previews-only [--masked]  # redraw the cards' preview.gif only
 
 Each motion's clips are rendered from the toy world the shipped base was trained on (`toy_world`,
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--masked", action="store_true", help="train M-MIVAs from the clips' object masks")
     parser.add_argument("--mask-loss-weight", type=float, default=0.1,
                         help="with --masked: the mask clips' loss weight (their sharp binary edges dwarf the video's loss at 1)")
+    parser.add_argument("--from-plain", action="store_true",
+                        help="with --masked: start each M-MIVA from the MIVA of its motion in --out (`train --init`)")
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     parser.add_argument("--device", default=None, help="passed to `python -m miva train` (e.g. cuda)")
     parser.add_argument("--previews-only", action="store_true",
@@ -66,6 +68,7 @@ def main() -> None:
                        "--out", str(args.out / name), "--steps", str(args.steps), "--batch", str(args.batch),
                        "--augment", str(args.augment)]
             command += ["--masked", "--mask-loss-weight", str(args.mask_loss_weight)] if args.masked else []
+            command += ["--init", str(args.out / motion)] if args.masked and args.from_plain else []
             command += ["--lr", str(args.lr)] if args.lr else []
             command += ["--device", args.device] if args.device else []
             print(" ".join(command[1:]), flush=True)

@@ -162,6 +162,27 @@ def test_masked_adapters_are_refused_on_wan():
         attach(base.unet, MivaConfig.for_base("tiny-wan", masked=True))
 
 
+def test_an_m_miva_can_start_from_a_trained_miva(tiny_base, tmp_path):
+    """`init`: the MIVA's parts are copied, and the mask stream's twin CFA starts as the video's CFA."""
+    from miva.adapter import save_adapter
+    from miva.train import start_from
+
+    manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "plain")
+    randomize(manager.parameters("plain"), seed=1)
+    save_adapter(tiny_base.unet, "plain", tmp_path / "plain")
+    plain = manager.state_dict("plain")
+    manager.add(MivaConfig(base="tiny", masked=True), "m")
+    start_from(manager, "m", tmp_path / "plain")
+    started = manager.state_dict("m")
+    assert set(plain) < set(started) and all(torch.equal(started[k], plain[k]) for k in plain)
+    twins = [k for k in started if ".mask_adapters." in k]
+    assert twins and all(torch.equal(started[k], plain[k.replace(".mask_adapters.", ".adapters.")]) for k in twins)
+    config = (tmp_path / "plain" / "adapter_config.json")
+    config.write_text(config.read_text().replace('"tiny"', '"toy-v4"'))
+    with pytest.raises(ValueError, match="made for base 'toy-v4' but this run trains on 'tiny'; start from an adapter of the same base"):
+        start_from(manager, "m", tmp_path / "plain")
+
+
 def test_clips_with_masks_beside_them_train_an_m_miva_from_the_cli(tmp_path, capsys):
     from miva.data import load_clips
     from miva.media import save_video
@@ -178,10 +199,15 @@ def test_clips_with_masks_beside_them_train_an_m_miva_from_the_cli(tmp_path, cap
     assert loaded.names == ["c0.mp4", "c1.mp4"] and len(loaded.masks) == 2  # the .mask files are not clips
     truth = make_clip("move-left", 0, WorldConfig(size=32, frames=4)).masks[:, 0]
     assert loaded.masks[0].shape == (4, 32, 32) and np.array_equal(loaded.masks[0] > 0.5, truth)
-    out = tmp_path / "slide-masked"
+    plain, out = tmp_path / "slide", tmp_path / "slide-masked"
+    assert main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(plain), "--frames", "4", "--steps", "1"]) == 0
     code = main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(out), "--frames", "4", "--steps", "2",
-                 "--checkpoint-every", "1", "--masked", "--mask-loss-weight", "0.1"])
+                 "--checkpoint-every", "1", "--masked", "--mask-loss-weight", "0.1", "--init", str(plain)])
     assert code == 0 and MivaConfig.load(out).masked and MivaConfig.load(out).training["mask_loss_weight"] == 0.1
+    assert MivaConfig.load(out).training["init"] == "slide" and "- init: slide" in (out / "README.md").read_text()
+    assert main(["train", "--base", "tiny", "--clips", str(clips), "--out", str(tmp_path / "q"), "--masked",
+                 "--init", "no-such-adapter"]) == 2
+    assert "adapter 'no-such-adapter' was not found" in capsys.readouterr().err and not (tmp_path / "q").exists()
     assert main(["train", "--base", "tiny", "--stills", str(clips), "--camera", "zoom-in", "--out",
                  str(tmp_path / "o"), "--masked"]) == 2
     assert "use --clips, not --stills" in capsys.readouterr().err
