@@ -1,7 +1,8 @@
 """Train the shipped toy adapters in adapters/ with the public CLI, from at most 8 toy clips each.
 
     python scripts/train_toy_adapters.py [--steps 400] [--clips 8] [--only move-left ...]
-    python scripts/train_toy_adapters.py --masked --from-plain --only move-left move-up   # M-MIVAs: adapters/NAME-masked
+    python scripts/train_toy_adapters.py --masked --only move-left move-up   # the shipped M-MIVAs: adapters/NAME-masked
+    python scripts/train_toy_adapters.py --masked --from-plain --only move-up  # ... each from its motion's MIVA (not shipped)
     python scripts/train_toy_adapters.py --previews-only [--masked]  # redraw the cards' preview.gif only
 
 Each motion's clips are rendered from the toy world the shipped base was trained on (`toy_world`,
