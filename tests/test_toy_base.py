@@ -193,3 +193,29 @@ def test_the_shipped_checkpoint_resumes_with_the_documented_command(tmp_path):
     assert all(torch.equal(exported[k], shipped[k]) for k in shipped if not k.endswith(".pe"))
     # the motion modules' sinusoidal tables are rebuilt, not saved by training: computed on the GPU they differ by 1e-6
     assert all(torch.allclose(exported[k], shipped[k], atol=1e-5) for k in shipped if k.endswith(".pe"))
+
+
+def test_fine_attention_grows_a_base_that_starts_as_it_was(tmp_path):
+    from safetensors.torch import load_file
+
+    from miva.toy.base import load_toy_weights
+    from miva.toy.train_base import main
+
+    unet, prompt, text = new_toy(seed=5)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # a base that draws something besides frame 0
+    save_toy(unet, prompt, tmp_path / "init", text=text)
+    grown = new_toy(seed=9, fine_attention=True)
+    load_toy_weights(load_file(str(tmp_path / "init" / "model.safetensors")), *grown, grow=True)
+    save_toy(grown[0], grown[1], tmp_path / "grown", text=grown[2])
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before, after = (load_toy(tmp_path / name) for name in ("init", "grown"))
+    assert hasattr(after.unet.down_blocks[0], "attentions") and not hasattr(before.unet.down_blocks[0], "attentions")
+    frames = [MivaPipeline(base)(image, num_frames=4, num_inference_steps=2, seed=0).frames for base in (before, after)]
+    assert np.array_equal(*frames)
+    # the CLI grows it the same way, and its export loads as a base with the 16x16 attention
+    options = ["--steps", "1", "--batch", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"]
+    main(["--init", str(tmp_path / "init"), "--out", str(tmp_path / "run"), "--fine-attention", *options])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["fine_attention"] is True
+    assert hasattr(load_toy(tmp_path / "run").unet.up_blocks[-1], "attentions")
+    with pytest.raises(SystemExit):  # a grown base is not an --init for the plain UNet
+        main(["--init", str(tmp_path / "grown"), "--out", str(tmp_path / "run2"), *options])

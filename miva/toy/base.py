@@ -111,14 +111,19 @@ class PixelShuffleVAE(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=F.pixel_shuffle(z, self.config.factor))
 
 
-def toy_configs() -> tuple[dict, dict]:
-    """UNet2DConditionModel and MotionAdapter configs of the toy base (12 + 12 input channels)."""
+def toy_configs(fine_attention: bool = False) -> tuple[dict, dict]:
+    """UNet2DConditionModel and MotionAdapter configs of the toy base (12 + 12 input channels).
+
+    Spatial attention (and so MIVA's CFA, which joins the spatial self-attentions) sits at the 8x8
+    and 4x4 levels; `fine_attention` adds it at the 16x16 level too, where SD1.5 has it and the toy
+    base has only convolutions (`train-base --fine-attention`)."""
     channels = [32, 64, 96]
+    fine = "CrossAttn" if fine_attention else ""
     unet = dict(
         block_out_channels=channels,
         layers_per_block=1,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        down_block_types=[f"{fine}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{fine}UpBlock2D"],
         cross_attention_dim=64,
         attention_head_dim=4,
         norm_num_groups=16,
@@ -153,9 +158,9 @@ def toy_scheduler(zero_snr: bool = False) -> DDIMScheduler:
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, prediction_type="sample", **{**SCHEDULER_OVERRIDES, **rescale})
 
 
-def new_toy(seed: int = 0) -> tuple[UNetMotionModel, torch.nn.Parameter, ToyTextEncoder]:
+def new_toy(seed: int = 0, fine_attention: bool = False) -> tuple[UNetMotionModel, torch.nn.Parameter, ToyTextEncoder]:
     """A freshly initialised toy UNet, its learned empty-prompt embedding (1, 4, 64) and text encoder."""
-    unet_config, adapter_config = toy_configs()
+    unet_config, adapter_config = toy_configs(fine_attention)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(unet_config, adapter_config)
@@ -173,11 +178,31 @@ def toy_parameters(unet, prompt: torch.nn.Parameter, text: ToyTextEncoder) -> di
             | {f"text.{k}": p for k, p in text.named_parameters()})
 
 
+def _fine_attentions(unet) -> list[tuple[str, nn.Module]]:
+    """(name, transformer) of the 16x16 level's spatial attentions: the first down and the last up block."""
+    levels = {"down_blocks.0": unet.down_blocks[0], f"up_blocks.{len(unet.up_blocks) - 1}": unet.up_blocks[-1]}
+    return [(f"{name}.attentions.{j}", block) for name, level in levels.items()
+            for j, block in enumerate(getattr(level, "attentions", []))]
+
+
 def load_toy_weights(tensors: dict[str, torch.Tensor], unet, prompt: torch.Tensor, text: ToyTextEncoder,
-                     prefix: str = "") -> None:
-    """Copy `prefix`-named tensors of a weights file or checkpoint into the toy's modules (text if present)."""
-    unet.load_state_dict({k[len(prefix) + 5:]: v for k, v in tensors.items() if k.startswith(prefix + "unet.")},
-                         strict=not prefix)  # checkpoints hold parameters only: buffers are rebuilt
+                     prefix: str = "", grow: bool = False) -> None:
+    """Copy `prefix`-named tensors of a weights file or checkpoint into the toy's modules (text if present).
+
+    `grow`: `unet` has the 16x16 attention (`fine_attention`) and the weights may come from a base
+    without it; its new transformers then get a zero output projection, so their residual passes the
+    features through unchanged and the grown base computes exactly what the weights' base did."""
+    weights = {k[len(prefix) + 5:]: v for k, v in tensors.items() if k.startswith(prefix + "unet.")}
+    new = [(name, block) for name, block in _fine_attentions(unet) if f"{name}.proj_out.weight" not in weights] if grow else []
+    missing, unexpected = unet.load_state_dict(weights, strict=not (prefix or new))  # checkpoints hold parameters only: buffers are rebuilt
+    if new:
+        other = [k for k in missing if not k.startswith(tuple(name + "." for name, _ in new))] + unexpected
+        if other:
+            raise ValueError(f"these toy-base weights do not fit this UNet beyond its new 16x16 attention ({len(other)} tensors, first: {other[0]}).")
+        with torch.no_grad():
+            for _, block in new:
+                block.proj_out.weight.zero_()
+                block.proj_out.bias.zero_()
     with torch.no_grad():
         prompt.copy_(tensors[prefix + "null_prompt_embeds"])
         for k, p in text.named_parameters():
@@ -194,9 +219,10 @@ def save_toy(unet, prompt: torch.Tensor, folder: str | Path, card: dict | None =
     if text is not None:
         tensors |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in text.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"base": BASE_ID})
-    unet_config, adapter_config = toy_configs()
-    (folder / "config.json").write_text(json.dumps(
-        {"base": BASE_ID, "unet": unet_config, "motion_adapter": adapter_config, **(card or {})}, indent=2) + "\n")
+    fine = bool(_fine_attentions(unet))  # load_toy builds the UNet that the card describes
+    unet_config, adapter_config = toy_configs(fine)
+    (folder / "config.json").write_text(json.dumps({"base": BASE_ID, "unet": unet_config, "motion_adapter": adapter_config,
+                                                    **({"fine_attention": True} if fine else {}), **(card or {})}, indent=2) + "\n")
     return folder
 
 
@@ -208,7 +234,7 @@ def export_checkpoint(folder: str | Path = ASSET, card: dict | None = None) -> P
         raise FileNotFoundError(f"no training checkpoint in '{folder}'; run `python -m miva.toy train-base` first.")
     tensors = read_checkpoint_tensors(folder / "checkpoint")
     info = json.loads((folder / "checkpoint" / "state.json").read_text())
-    unet, prompt, text = new_toy()
+    unet, prompt, text = new_toy(fine_attention=info["meta"].get("fine_attention", False))
     missing = [k for k in toy_parameters(unet, prompt, text) if f"extra.ema.{k}" not in tensors and not k.startswith("text.")]
     if missing:
         raise ValueError(f"the checkpoint in '{folder}' lacks EMA weights for {len(missing)} parameters; it is not a toy-base run.")
@@ -236,7 +262,7 @@ def load_toy(folder: str | Path = ASSET, device="cpu", dtype=torch.float32) -> B
     tensors = load_file(str(weights))
     card = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     zero_snr = bool(card.get("zero_snr", False))
-    unet, prompt, text = new_toy()
+    unet, prompt, text = new_toy(fine_attention=card.get("fine_attention", False))
     load_toy_weights(tensors, unet, prompt, text)
     unet.requires_grad_(False).eval()
     text.requires_grad_(False)

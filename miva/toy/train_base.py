@@ -10,7 +10,9 @@ probability --text-dropout (decided per step and clip from the seed, so resuming
 nothing); the empty prompt is what MIVAs run on. `--init FOLDER` starts from an exported base's
 weights (a new run: fresh optimiser, step 0). `--world free` renders the clips of the "free" toy
 world (`WORLDS`), where the first frame does not tell the motion; the export's config.json records it.
-`--emphasis rotate-cw ...` shows those motions twice as often (the ones a base draws worst).
+`--fine-attention` gives the UNet spatial attention at its 16x16 level too (`toy_configs`); from an
+`--init` base without it, the new layers start as the identity, so the run starts from exactly that
+base. `--emphasis rotate-cw ...` shows those motions twice as often (the ones a base draws worst).
 `--multi 0.3` makes that share of the clips two-object clips where each object has its own motion
 (the world's "random" motion, uncaptioned): a base trained on one object per clip has never seen
 two things move differently at once, which is what a mix of regional MIVAs asks of it.
@@ -125,7 +127,8 @@ def run_meta(args) -> dict:
     meta = {"what": "toy-base", "batch": args.batch, "seed": args.seed, "lr": args.lr}
     optional = {"text_dropout": (args.text_dropout, 1.0), "init": (str(args.init) if args.init else None, None),
                 "zero_snr": (args.zero_snr, False), "world": (args.world, "fit"),
-                "emphasis": (list(args.emphasis), []), "multi": (args.multi, 0.0)}
+                "emphasis": (list(args.emphasis), []), "multi": (args.multi, 0.0),
+                "fine_attention": (args.fine_attention, False)}
     return meta | {k: value for k, (value, old) in optional.items() if value != old}
 
 
@@ -152,6 +155,8 @@ def main(argv=None) -> None:
                         help="base motions to show twice as often (added to the cycle of clips once more each)")
     parser.add_argument("--multi", type=float, default=0.0, metavar="SHARE",
                         help="share of clips with two objects moving each their own way (uncaptioned)")
+    parser.add_argument("--fine-attention", action="store_true",
+                        help="spatial attention at the 16x16 level too (grown from an --init base without it)")
     args = parser.parse_args(argv)
     if not 0 <= args.multi <= 1:
         parser.error(f"--multi is a share of the clips, from 0 to 1, not {args.multi}.")
@@ -166,12 +171,15 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clips = Prefetcher(args.batch, args.workers, world=args.world, emphasis=emphasis, multi=args.multi)  # before CUDA starts: the workers are forked
 
-    unet, prompt, text = new_toy(args.seed)
+    unet, prompt, text = new_toy(args.seed, args.fine_attention)
     if args.init and not (args.resume and (args.out / "checkpoint" / "state.json").is_file()):  # resuming: the checkpoint has them
         weights = args.init / "model.safetensors"
         if not weights.is_file():
             parser.error(f"--init {args.init} holds no model.safetensors; give a folder written by `python -m miva.toy export`.")
-        load_toy_weights(load_file(str(weights)), unet, prompt, text)
+        try:
+            load_toy_weights(load_file(str(weights)), unet, prompt, text, grow=args.fine_attention)
+        except (RuntimeError, ValueError) as error:  # a state-dict mismatch (torch) or a grown UNet's other misfit
+            parser.error(f"--init {args.init} is a toy base of another shape{'' if args.fine_attention else ' (with --fine-attention?)'}: {str(error).splitlines()[0]}")
     unet.to(args.device).train()
     text.to(args.device)
     prompt = torch.nn.Parameter(prompt.detach().to(args.device))
