@@ -210,6 +210,7 @@ def test_fine_attention_grows_a_base_that_starts_as_it_was(tmp_path):
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     before, after = (load_toy(tmp_path / name) for name in ("init", "grown"))
     assert hasattr(after.unet.down_blocks[0], "attentions") and not hasattr(before.unet.down_blocks[0], "attentions")
+    assert after.id == f"{BASE_ID}-fine-attention" != before.id  # an adapter made for the other UNet is refused
     frames = [MivaPipeline(base)(image, num_frames=4, num_inference_steps=2, seed=0).frames for base in (before, after)]
     assert np.array_equal(*frames)
     # the CLI grows it the same way, and its export loads as a base with the 16x16 attention

@@ -218,10 +218,11 @@ def save_toy(unet, prompt: torch.Tensor, folder: str | Path, card: dict | None =
     tensors["null_prompt_embeds"] = prompt.detach().cpu().contiguous()
     if text is not None:
         tensors |= {f"text.{k}": v.detach().cpu().contiguous() for k, v in text.state_dict().items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"base": BASE_ID})
     fine = bool(_fine_attentions(unet))  # load_toy builds the UNet that the card describes
+    base_id = f"{BASE_ID}-fine-attention" if fine else BASE_ID  # another UNet: adapters made for BASE_ID do not fit
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"base": base_id})
     unet_config, adapter_config = toy_configs(fine)
-    (folder / "config.json").write_text(json.dumps({"base": BASE_ID, "unet": unet_config, "motion_adapter": adapter_config,
+    (folder / "config.json").write_text(json.dumps({"base": base_id, "unet": unet_config, "motion_adapter": adapter_config,
                                                     **({"fine_attention": True} if fine else {}), **(card or {})}, indent=2) + "\n")
     return folder
 
