@@ -7,7 +7,9 @@ N held-out first frames (colours and shapes never in any training clip; textured
 camera motion, as its clips have, since over a flat one a camera move looks like the object moving),
 classify the motion of each video with miva.metrics.classify_motion, and count those equal to the
 adapter's motion. The base alone on the same frames and seeds gives the chance level. Also: CPU
-seconds to train (from the adapter card) and to animate 16 frames. Last line: `mean_accuracy X`.
+seconds to train (from the adapter card) and to animate 16 frames, and for a turn, in how many
+stills the object turned keeping its shape (`keeps_shape`: a cross drawn as a turning
+triangle-like shape counts as a turn, but not as kept). Last line: `mean_accuracy X`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from miva.config import MivaConfig  # noqa: E402
-from miva.metrics import classify_motion, object_masks  # noqa: E402
+from miva.metrics import classify_motion, keeps_shape, object_masks  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
 from miva.toy.base import load_toy, toy_world  # noqa: E402
 from miva.toy.world import CAMERA_MOTIONS, heldout_stills  # noqa: E402
@@ -52,7 +54,7 @@ def main() -> None:
             alone[camera] = [classify_motion(pipe(s, adapters={}, num_inference_steps=args.steps, seed=i).frames)
                              for i, s in enumerate(stills)]
         name = pipe.load_adapter(folder)
-        motions, seconds = [], []
+        motions, seconds, kept = [], [], []
         for i, still in enumerate(stills):
             # an M-MIVA gets its subject: the still's object, segmented from the background
             masks = {name: object_masks(still[None])[0].any(0)} if config.masked else None
@@ -61,6 +63,7 @@ def main() -> None:
                           guidance_scale=args.guidance).frames
             seconds.append(time.perf_counter() - start)
             motions.append(classify_motion(frames))
+            kept.append(motions[-1] == config.motion and keeps_shape(frames))
         pipe.unload_adapter(name)
         accuracy = float(np.mean([m == config.motion for m in motions]))
         chance = float(np.mean([m == config.motion for m in alone[camera]]))
@@ -68,6 +71,8 @@ def main() -> None:
         common = max(set(motions), key=motions.count)
         print(f"{folder.name:<16} {accuracy:>8.2f} {chance:>6.2f} {config.training.get('seconds', float('nan')):>8.0f} "
               f"{np.median(seconds):>9.2f}  {common}")
+        if config.motion.startswith("rotate"):
+            print(f"  {folder.name}: turned keeping its shape in {sum(kept)} of {len(stills)}")
     print(f"mean_accuracy {np.mean(accuracies):.3f}")
 
 

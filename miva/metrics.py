@@ -135,45 +135,77 @@ def object_tracks(frames: np.ndarray, masks=None, background=None) -> np.ndarray
     return _tracks_and_areas(frames, masks, background)[1]
 
 
-def _rotation(frames, masks, tracks, background) -> np.ndarray:
-    """(K,) rotation of each object, deg/frame, positive = clockwise on screen.
+HARMONIC_ORDERS = np.arange(2, 7)  # angular harmonics that tell an object's orientation and symmetry
+ROUND = 0.15  # below this mean |M_n| an object is too round to show an orientation
 
-    Second moments are isotropic for squares and equilateral triangles, and patch matching is
-    fooled by interpolation noise, so orientation comes from angular harmonics of the object:
-    M_n = sum w |z|^2 e^{i n arg z} / sum w |z|^2, z = (x - cx) + i (y - cy), w = soft object
-    weight x colour distance (outline and any inner texture). With y down, turning an object
-    clockwise on screen by a multiplies z by e^{ia} and M_n by e^{ina}, so each frame pair gives
-    a = arg(M_n(t+1) conj(M_n(t))) / n, with n in 2..6 the order of largest mean |M_n| (4 for
-    squares, diamonds and crosses, 3 for triangles). Result: median over pairs. It is 0 when the
-    object is too round (max mean |M_n| < 0.15: circles, whose turning is invisible) or the
-    per-pair estimates disagree (circular consistency of n*a < 0.6). Sums over many pixels make it
-    robust to noise and sub-pixel motion. Limits: |rate| < 180/n deg/frame (symmetry aliasing);
-    objects under ~6 px wide are too pixelated; hexagons are nearly round (|M_6| ~ 0.1 -> 0).
-    """
+
+def _harmonics(frames, masks, tracks, background) -> np.ndarray:
+    """(F, K, G) angular harmonics M_n of each object per frame, n in HARMONIC_ORDERS (NaN where the
+    object is missing): M_n = sum w |z|^2 e^{i n arg z} / sum w |z|^2, z = (x - cx) + i (y - cy),
+    w = soft object weight x colour distance (outline and any inner texture). |M_n| is large for
+    an n-fold symmetric shape (4 for squares, diamonds and crosses, 3 for triangles); with y down,
+    turning the object clockwise on screen by a multiplies z by e^{ia} and M_n by e^{ina}."""
     F, K, H, W = masks.shape
     dist = _distance(frames, background)
     w = _soft(frames, masks, background) * (dist[:, None] / 255.0)
     yy, xx = np.mgrid[:H, :W]
-    out = np.zeros(K)
+    out = np.full((F, K, len(HARMONIC_ORDERS)), np.nan, complex)
     for k in range(K):
-        z = (xx[None] - tracks[:, k, 0, None, None]) + 1j * (yy[None] - tracks[:, k, 1, None, None])
         good = np.isfinite(tracks[:, k, 0])
-        if good.sum() < 2:
+        z = (xx[None] - tracks[good, k, 0, None, None]) + 1j * (yy[None] - tracks[good, k, 1, None, None])
+        wk = w[good, k] * np.abs(z) ** 2
+        phase = np.exp(1j * HARMONIC_ORDERS[:, None, None, None] * np.angle(z)[None])  # (G, N, H, W)
+        out[good, k] = ((wk[None] * phase).sum((2, 3)) / np.maximum(wk.sum((1, 2)), 1e-9)).T
+    return out
+
+
+def _rotation(frames, masks, tracks, background) -> np.ndarray:
+    """(K,) rotation of each object, deg/frame, positive = clockwise on screen.
+
+    Second moments are isotropic for squares and equilateral triangles, and patch matching is
+    fooled by interpolation noise, so orientation comes from the angular harmonics M_n
+    (`_harmonics`): each frame pair gives a = arg(M_n(t+1) conj(M_n(t))) / n, with n the order of
+    largest mean |M_n|. Result: median over pairs. It is 0 when the object is too round (max mean
+    |M_n| < ROUND: circles, whose turning is invisible) or the per-pair estimates disagree
+    (circular consistency of n*a < 0.6). Sums over many pixels make it robust to noise and
+    sub-pixel motion. Limits: |rate| < 180/n deg/frame (symmetry aliasing); objects under ~6 px
+    wide are too pixelated; hexagons are nearly round (|M_6| ~ 0.1 -> 0).
+    """
+    harmonics = _harmonics(frames, masks, tracks, background)
+    out = np.zeros(masks.shape[1])
+    for k in range(len(out)):
+        idx = np.flatnonzero(np.isfinite(tracks[:, k, 0]))
+        if len(idx) < 2:
             continue
-        orders = np.arange(2, 7)
-        zg = z[good]
-        wk = w[good, k] * np.abs(zg) ** 2
-        phase = np.exp(1j * orders[:, None, None, None] * np.angle(zg)[None])  # (N, G, H, W)
-        m = ((wk[None] * phase).sum((2, 3)) / np.maximum(wk.sum((1, 2)), 1e-9)).T  # (G, N)
+        m = harmonics[idx, k]  # (N, G)
         strength = np.abs(m).mean(0)
         j = int(np.argmax(strength))
-        steps = np.angle(m[1:, j] * np.conj(m[:-1, j])) / orders[j]
-        if strength[j] < 0.15 or np.abs(np.mean(np.exp(1j * orders[j] * steps))) < 0.6:
+        steps = np.angle(m[1:, j] * np.conj(m[:-1, j])) / HARMONIC_ORDERS[j]
+        if strength[j] < ROUND or np.abs(np.mean(np.exp(1j * HARMONIC_ORDERS[j] * steps))) < 0.6:
             continue  # too round, or orientation jumps about: rotation invisible
-        idx = np.flatnonzero(good)
         steps = steps / np.diff(idx)  # rate per frame across gaps
         out[k] = float(np.degrees(np.median(steps)))
     return out
+
+
+def keeps_shape(frames: np.ndarray, masks=None, share: float = 0.9) -> bool:
+    """Whether every object that has a shape order keeps it: in at least `share` of the frames where
+    it is seen, its dominant symmetry order (the n of largest |M_n|, `_harmonics`) is the one it has
+    in the first of them. Objects too round to have one (mean max |M_n| < ROUND) pass. Meant for
+    objects that stay in the frame, as turning ones do (one cut by the frame's edge changes its
+    shape): toy turns keep theirs in every frame, squares and crosses included, while a cross drawn
+    as a turning triangle-like shape does not (4 -> 3)."""
+    frames = np.asarray(frames)
+    masks, tracks, _ = _tracks_and_areas(frames, masks, None)
+    harmonics = np.abs(_harmonics(frames, masks, tracks, None))
+    for k in range(masks.shape[1]):
+        h = harmonics[np.isfinite(tracks[:, k, 0]), k]
+        if len(h) == 0 or h.mean(0).max() < ROUND:
+            continue
+        order = np.argmax(h, 1)
+        if np.mean(order == order[0]) < share:
+            return False
+    return True
 
 
 def _gray(frames) -> np.ndarray:

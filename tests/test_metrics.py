@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from miva.metrics import (classify_motion, coherence, estimate_background, global_motion,
+from miva.metrics import (classify_motion, coherence, estimate_background, global_motion, keeps_shape,
                           mean_flow_magnitude, motion_summary, object_tracks)
 from miva.toy import DIRECTIONS, MOTIONS, WorldConfig, camera_clips_from_still, make_clip, make_still
 
@@ -140,6 +140,28 @@ def test_mild_noise_keeps_classification():
         clip = make_clip(motion, 2)
         noisy = np.clip(clip.frames + rng.normal(0, 3, clip.frames.shape), 0, 255).astype(np.uint8)
         assert classify_motion(noisy) == motion
+
+
+def test_turning_keeps_the_shape_and_a_cross_that_becomes_a_triangle_does_not():
+    for split, shape in (("heldout", "diamond"), ("heldout", "cross"), ("train", "square"), ("train", "triangle")):
+        cfg = WorldConfig(shapes=(shape,), heldout_shapes=(shape,))
+        for motion in ("rotate-cw", "rotate-ccw", "scale-up"):
+            for seed in range(2):
+                clip = make_clip(motion, seed, cfg, split)
+                assert keeps_shape(clip.frames) and keeps_shape(clip.frames, clip.masks), (shape, motion, seed)
+    # a cross drawn as a triangle (its colour, on its background, about its centre) in frames 4-11
+    cross = make_clip("rotate-cw", 0, WorldConfig(heldout_shapes=("cross",)), "heldout")
+    triangle = make_clip("rotate-cw", 0, WorldConfig(shapes=("triangle",)), "train").masks[:, 0] > 0.5
+    inside = cross.masks[0, 0] > 0.5
+    colour, background = cross.frames[0][inside].mean(0), cross.frames[0][~inside].mean(0)
+    centre = np.argwhere(inside).mean(0)
+    morph = cross.frames.copy()
+    for t in range(4, 12):
+        shift = np.round(centre - np.argwhere(triangle[t]).mean(0)).astype(int)
+        drawn = np.roll(triangle[t], tuple(shift), axis=(0, 1))
+        morph[t] = np.where(drawn[..., None], colour, background).astype(np.uint8)
+    assert not keeps_shape(morph)
+    assert keeps_shape(make_clip("move-left", 0, WorldConfig(shapes=("circle",))).frames)  # too round: no order to keep
 
 
 def test_round_shapes_show_no_rotation():
