@@ -8,7 +8,8 @@ import time
 import warnings
 
 from .backends import BASES as BASE_CHOICES
-from .pipeline import MIX_MODES, resolve_adapter
+from .catalogue import resolve_adapter
+from .pipeline import MIX_MODES
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:
@@ -124,7 +125,8 @@ def _training_clips(args, frames: int, size: tuple[int, int]):
 
 
 def cmd_train(args) -> int:
-    from .train import format_eta, train_adapter
+    from .loop import format_eta
+    from .train import train_adapter
 
     if args.mask_loss_weight != 1 and not (args.masked or args.mask_text):  # in flags, before loading (train_adapter refuses it too)
         raise ValueError("--mask-loss-weight weighs an M-MIVA's mask clips; add --masked (or --mask-text), or leave it out.")

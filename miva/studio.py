@@ -21,7 +21,8 @@ from PIL import Image
 
 from .adapter import MAX_WEIGHT, check_adapter_name
 from .config import MivaConfig
-from .pipeline import ADAPTERS_DIR, MivaPipeline
+from .catalogue import ADAPTERS_DIR
+from .pipeline import MivaPipeline
 
 MAX_MIX = 4  # adapters in one mix
 MAX_STEPS = 100
@@ -247,7 +248,8 @@ class Studio:
         None while unfinished, status dict with step/steps/losses/warnings).
         """
         from . import data
-        from .train import CHECKPOINT_DIR, train_adapter
+        from .loop import CHECKPOINT_DIR
+        from .train import train_adapter
 
         name = check_adapter_name((motion or "").strip().lower().replace(" ", "-"))
         out = self.trained / name

@@ -138,7 +138,7 @@ def test_mmiva_training_writes_an_adapter_that_samples(pipe, tmp_path, subject):
 
 
 def test_clip_weights_make_a_weighted_mean_of_the_clips_losses(tiny_base):
-    from miva.train import diffusion_loss
+    from miva.loop import diffusion_loss
 
     latents = torch.randn(2, 4, 3, 4, 4)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from miva.adapter import attach, save_adapter
 from miva.config import MivaConfig
-from miva.pipeline import resolve_adapter
+from miva.catalogue import resolve_adapter
 
 from conftest import randomize
 

@@ -12,7 +12,7 @@ from miva.toy.base import BASE_ID, PixelShuffleVAE, export_checkpoint, load_toy,
 import numpy as np
 
 from miva.toy.train_base import Prefetcher, base_batch, base_clips
-from miva.train import run_training
+from miva.loop import run_training
 
 
 def test_pixel_shuffle_vae_is_exact():

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from miva.train import diffusion_loss, encode_clips, step_generator, train_adapter
+from miva.loop import diffusion_loss, encode_clips, step_generator
+from miva.train import train_adapter
 
 FAST = dict(steps=6, checkpoint_every=2, preview_steps=2, lr=1e-3)
 

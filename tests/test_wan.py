@@ -10,7 +10,8 @@ from miva.backends import load_base, meta_unet, wan
 from miva.cli import main
 from miva.config import MivaConfig
 from miva.pipeline import MivaPipeline
-from miva.train import diffusion_loss, step_generator, train_adapter
+from miva.loop import diffusion_loss, step_generator
+from miva.train import train_adapter
 
 from conftest import randomize
 

@@ -141,13 +141,6 @@ class Base:
             return self.scheduler.get_velocity(latents, noise, timesteps)
         return {"sample": latents, "epsilon": noise}[kind]
 
-    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-γ weights (Hang et al. 2023) for the MSE of this schedule's training target."""
-        signal, noise = self.noise_levels(timesteps)
-        snr = (signal / noise) ** 2
-        kind = self.scheduler.config.prediction_type
-        return snr.clamp(max=gamma) / {"v_prediction": snr + 1, "sample": torch.ones_like(snr), "epsilon": snr}[kind]
-
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device

@@ -127,11 +127,6 @@ class WanBase(Base):
     def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return noise - latents  # the flow
 
-    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-γ on the flow's MSE: the ε error is (1 - s) x the flow's, so w = min(snr, γ) s^2."""
-        signal, sigma = self.noise_levels(timesteps)
-        return ((signal / sigma) ** 2).clamp(max=gamma) * sigma**2
-
 
 def scheduler(shift: float = FLOW_SHIFT) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backends import Base
 from ..backends.animatediff import SCHEDULER_OVERRIDES, build_unet, quiet_diffusers
-from ..train import plot_losses, read_checkpoint_tensors
+from ..loop import plot_losses, read_checkpoint_tensors
 from .world import WorldConfig
 
 BASE_ID = "toy-v4"  # toy-v1: the first base, on the "fit" world; toy-v2: on "free"; toy-v3: "free-bold" (exports keep their id)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..backends import Base
-from ..train import diffusion_loss, encode_clips, run_training
+from ..loop import diffusion_loss, encode_clips, run_training
 from .base import (ASSET, BASE_ID, FRAMES, SIZE, WORLDS, PixelShuffleVAE, export_checkpoint, load_toy_weights,
                    motion_prompt, new_toy, toy_parameters, toy_scheduler)
 from .world import CAMERA_MOTIONS, OBJECT_MOTIONS, make_clip
