@@ -56,14 +56,9 @@ def frames_slider(base) -> gr.Slider:
 
 
 def build_studio(backend: str, collection: str | None = None) -> Studio:
-    import torch
-
     from miva.pipeline import MivaPipeline
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    half = {"animatediff-v3": torch.float16, "wan2.1-1.3b": torch.bfloat16}  # the real bases' inference dtypes
-    dtype = half.get(backend, torch.float32) if device == "cuda" else torch.float32
-    studio = Studio(MivaPipeline.from_base(backend, device=device, dtype=dtype), collection=collection)
+    studio = Studio(MivaPipeline.from_base(backend), collection=collection)
     studio.refresh_hub()
     return studio
 

@@ -88,13 +88,9 @@ def cmd_segment(args) -> int:
 
 
 def load_pipeline(args):
-    import torch
-
     from .pipeline import MivaPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") and args.base == "animatediff-v3" else torch.float32
-    return MivaPipeline.from_base(args.base, device=device, dtype=dtype)
+    return MivaPipeline.from_base(args.base, device=args.device)
 
 
 def _training_clips(args, frames: int, size: tuple[int, int]):

@@ -72,7 +72,8 @@ class MivaPipeline:
         self.base = base
 
     @classmethod
-    def from_base(cls, name: str = "animatediff-v3", device="cpu", dtype=torch.float32, **kwargs) -> "MivaPipeline":
+    def from_base(cls, name: str = "animatediff-v3", device=None, dtype=None, **kwargs) -> "MivaPipeline":
+        """The named base (see `miva.backends.load_base`; device None: a GPU if there is one)."""
         return cls(load_base(name, device=device, dtype=dtype, **kwargs))
 
     # -- adapters -------------------------------------------------------------------------------

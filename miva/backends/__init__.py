@@ -160,9 +160,24 @@ def encode_frames(encode_image, pixels: torch.Tensor, chunk: int = 8) -> torch.T
 BASES = ("toy", "animatediff-v3", "wan2.1-1.3b", "tiny", "tiny-wan")
 
 
-def load_base(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs) -> Base:
-    """Build the named base on `device`."""
+HALF_PRECISION = {"animatediff-v3": torch.float16, "wan2.1-1.3b": torch.bfloat16}  # the real bases' GPU dtypes
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The dtype a base runs in on `device`: the real bases in half precision on a GPU, fp32 elsewhere."""
+    return HALF_PRECISION.get(name, torch.float32) if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_base(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs) -> Base:
+    """Build the named base on `device` (None: a GPU if there is one) in `dtype` (None: `default_dtype`)."""
     from . import animatediff, wan
+
+    device = default_device() if device is None else torch.device(device)
+    dtype = default_dtype(name, device) if dtype is None else dtype
 
     if name == "animatediff-v3":
         return animatediff.load(device=device, dtype=dtype, **kwargs)
