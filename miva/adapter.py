@@ -8,6 +8,7 @@ Several adapters can be attached at once and mixed with per-adapter weights (eq.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -21,7 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, MivaConfig
-from .processors import (CrossFrameAttnProcessor, ImplicitPromptProcessor, MivaContext, TemporalBiasProcessor,
+from .context import MivaContext
+from .processors import (CrossFrameAttnProcessor, ImplicitPromptProcessor, TemporalBiasProcessor,
                          WanCrossFrameAttnProcessor, WanImplicitPromptProcessor)
 
 MAX_WEIGHT = 2.0  # adapter weights live in [0, MAX_WEIGHT]; 1 is the adapter as trained
@@ -85,7 +87,7 @@ class MivaAdapters:
         self.unet = unet
         self.base = base
         self.context = MivaContext()
-        self._weights_applied = False  # set_weights may skip work only after it has run once
+        self._weights_applied = False  # the LoRA scales may be skipped only after they were set once
         self.configs: dict[str, MivaConfig] = {}
         self.trainable: str | None = None
         self._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
@@ -119,20 +121,57 @@ class MivaAdapters:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         stride = self.layout.frame_axis_stride
         # Both take (b, c, f, h, w); Wan's patches may span several latent frames.
-        self.context.num_frames = sample.shape[2] // (self.unet.config[stride][0] if stride else 1)
+        self.context._record_pass(num_frames=sample.shape[2] // (self.unet.config[stride][0] if stride else 1))
 
     def _record_temb(self, module, args, output):
-        self.context.temb = output  # (b, d_t): c_t per clip, before diffusers repeats it per frame
+        self.context._record_pass(temb=output)  # (b, d_t): c_t per clip, before diffusers repeats it per frame
 
-    def set_weights(self, weights: dict[str, float]) -> None:
-        """Activate these adapters with these weights (eq. S4); adapters not named are off."""
-        for name in weights:
-            if name not in self.configs:
-                raise KeyError(f"no adapter named '{name}' is attached; attached: {sorted(self.configs) or 'none'}.")
-        weights = {name: check_weight(name, w) for name, w in weights.items()}
-        if weights == self.context.weights and self._weights_applied:
-            return  # the sampler calls this every step; walking the model each time is waste
-        self.context.weights = weights
+    @contextlib.contextmanager
+    def call(self, **state):
+        """The per-call state of the passes run inside the block; what it was comes back on exit.
+
+        Yields a `MivaCall` whose `set(...)` changes it between passes. The state (see
+        `miva.context.CallState`): `weights` {name: weight} (eq. S4; adapters not named are off),
+        `regions` {name: (b, F, H, W) at the latent grid} with `exclusive` (the names that reach a
+        coarser layer's token only where all of it is in their region), M-MIVA `streams` (the video,
+        then one mask clip per M-MIVA named) and `subjects` {name: (b, F, H, W) confidence S}.
+        Outside any call every attached adapter acts at weight 1, everywhere, with no mask stream.
+        """
+        before = self.context._snapshot()
+        handle = MivaCall(self)
+        try:
+            handle.set(**state)
+            yield handle
+        finally:
+            before["weights"] = {n: w for n, w in before["weights"].items() if n in self.configs}
+            self._apply(**before)
+
+    def _apply(self, weights=None, regions=None, exclusive=None, streams=None, subjects=None) -> None:
+        """The one writer of the per-call state; fields left None keep their value."""
+        changes = {}
+        if weights is not None:
+            for name in weights:
+                if name not in self.configs:
+                    raise KeyError(f"no adapter named '{name}' is attached; attached: {sorted(self.configs) or 'none'}.")
+            weights = {name: check_weight(name, w) for name, w in weights.items()}
+            if weights != self.context.weights or not self._weights_applied:
+                self._apply_weights(weights)
+            changes["weights"] = weights
+        if regions is not None:
+            for name in regions:
+                if name not in self.configs:
+                    raise KeyError(f"a region was given for '{name}', which is not attached; "
+                                   f"attached: {sorted(self.configs) or 'none'}.")
+            changes["regions"] = regions
+        if exclusive is not None:
+            changes["exclusive"] = frozenset(exclusive)
+        if streams is not None:
+            changes["streams"] = tuple(streams)
+        if subjects is not None:
+            changes["subjects"] = subjects
+        self.context._set(**changes)
+
+    def _apply_weights(self, weights: dict[str, float]) -> None:
         active = [n for n, w in weights.items() if w != 0]
         for layer in self._lora_layers():
             layer.set_adapter(active, inference_mode=True)  # freezes all LoRA weights ...
@@ -140,14 +179,6 @@ class MivaAdapters:
                 layer.set_scale(name, w)
         self._apply_trainable()  # ... so give the trained adapter its gradients back
         self._weights_applied = True
-
-    def set_regions(self, regions: dict[str, torch.Tensor], exclusive=()) -> None:
-        """Confine adapters to regions: {name: (b, F, H, W) weights at the latent grid}; others act everywhere.
-        The `exclusive` ones act on a coarser layer's token only where all of it is in their region."""
-        for name in regions:
-            if name not in self.configs:
-                raise KeyError(f"a region was given for '{name}', which is not attached; attached: {sorted(self.configs) or 'none'}.")
-        self.context.set_regions(regions, exclusive)
 
     def _regional(self, name: str):
         def hook(module, args, output):  # (S b h w, F, c): the weight is applied by PEFT's scaling
@@ -211,7 +242,7 @@ class MivaAdapters:
                 param.requires_grad_(self._requires_grad[stock_name])
         self.configs[name] = config
         self._weights_applied = False  # new LoRA layers: apply the weights again
-        self.set_weights({**self.context.weights, name: 1.0})  # a new adapter starts active, as trained
+        self._apply(weights={**self.context.weights, name: 1.0})  # a new adapter starts active, as trained
 
     def remove(self, name: str) -> None:
         if name not in self.configs:
@@ -227,7 +258,7 @@ class MivaAdapters:
         if self.trainable == name:
             self.trainable = None
         self._weights_applied = False
-        self.set_weights({n: w for n, w in self.context.weights.items() if n != name})
+        self._apply(weights={n: w for n, w in self.context.weights.items() if n != name})
 
     def close(self) -> None:
         """Restore the stock model: processors, plain Linear layers, requires_grad flags."""
@@ -285,6 +316,23 @@ class MivaAdapters:
         with torch.no_grad():
             for key, param in params.items():
                 param.copy_(tensors[key].to(param.dtype))
+
+
+class MivaCall:
+    """The handle of one `MivaAdapters.call()` block: `set(...)` changes the state between passes."""
+
+    def __init__(self, manager: MivaAdapters):
+        self._manager = manager
+
+    @property
+    def context(self) -> MivaContext:
+        return self._manager.context
+
+    def set(self, weights: dict[str, float] | None = None, regions: dict[str, torch.Tensor] | None = None,
+            exclusive=None, streams: tuple[str | None, ...] | None = None,
+            subjects: dict[str, torch.Tensor] | None = None) -> None:
+        """Change the given parts of the call's state (see `MivaAdapters.call`); the rest stays."""
+        self._manager._apply(weights=weights, regions=regions, exclusive=exclusive, streams=streams, subjects=subjects)
 
 
 # -- module-level API ------------------------------------------------------------------------------

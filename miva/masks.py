@@ -1,6 +1,6 @@
 """Masks for regional motion: user masks fitted to the frame, the unified mask of a mix (eq. S5),
-the mask-aware attention biases (eq. 3 and eq. S6), per-layer region weights, and the mask-step
-schedule of M-MIVA sampling (B.1.3).
+the mask-aware attention biases (eq. 3 and eq. S6) of each kind of attention, per-layer region
+weights, and the mask-step schedule of M-MIVA sampling (B.1.3). All pure functions.
 
 Conventions: a mask is a float tensor in [0, 1] (1 = the region); a mask *sequence* is (F, H, W).
 Masks given by a user (an image, or one per frame) are fitted exactly like the first frame (cover
@@ -108,6 +108,43 @@ def unified_bias(region_query: torch.Tensor, region_key: torch.Tensor, eps: floa
     """Eq. S6: log(1(S*_p = S*_q) + ε) for region indices (..., n) and (..., m) -> (..., n, m)."""
     same = (region_query[..., :, None] == region_key[..., None, :]).float()
     return torch.log(same + eps)
+
+
+def subject_at_tokens(subject: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(b, F, H, W) subject confidence -> (b, F, n) at a layer's n tokens (area mean)."""
+    return rearrange(at_tokens(subject, tokens), "b f h w -> b f (h w)")
+
+
+def attention_labels(subjects: list[torch.Tensor | None]):
+    """What the base's own attentions are biased by, from each active adapter's subject confidence
+    (b, F, n) (None: an unmasked adapter): one M-MIVA alone, its S with eq. 3; several adapters, the
+    unified mask S* with eq. S6. Returns (labels, the bias of a pair of label tensors)."""
+    if len(subjects) == 1:
+        return subjects[0], mask_bias
+    return unify_masks(subjects), unified_bias
+
+
+def self_attention_bias(subjects: list[torch.Tensor | None]) -> torch.Tensor:
+    """The video's spatial self-attention bias between the tokens of one frame, (b F, 1, n, n)."""
+    labels, bias = attention_labels(subjects)
+    return rearrange(bias(labels, labels), "b f n m -> (b f) 1 n m")
+
+
+def temporal_attention_bias(subjects: list[torch.Tensor | None]) -> torch.Tensor:
+    """The video's temporal self-attention (t-SA) bias between the frames of one pixel, (b n, 1, F, F):
+    the rule of `self_attention_bias`, so a pixel that leaves the subject stops attending to its
+    subject frames."""
+    labels, bias = attention_labels(subjects)
+    labels = rearrange(labels, "b f n -> b n f")
+    return rearrange(bias(labels, labels), "b n f g -> (b n) 1 f g")
+
+
+def cross_frame_bias(subject: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 for the CFA: frame i's queries against the keys of frame 1 then frame i-1 (frame 1 is its
+    own predecessor), for a (b, F, n) confidence -> (b F, 1, n, 2n)."""
+    previous = torch.cat([subject[:, :1], subject[:, :-1]], dim=1)
+    keys = torch.cat([subject[:, :1].expand_as(subject), previous], dim=-1)  # (b, F, 2n)
+    return rearrange(mask_bias(subject, keys), "b f n m -> (b f) 1 n m")
 
 
 def token_grid(height: int, width: int, tokens: int) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +13,11 @@ import torch
 
 from . import masks as masks_lib
 from . import schedules
-from .adapter import adapters_of, check_weight, detach, load_adapter
+from .adapter import MivaCall, adapters_of, check_weight, detach, load_adapter
 from .backends import Base, load_base
 from .catalogue import resolve_adapter
 from .data import clips_to_tensor
+from .mask_streams import MaskStreams, composite_owners
 from .media import fit_image, image_to_tensor, load_image, save_video
 
 MIX_MODES = ("composite", "attention")  # how a mix with M-MIVAs shares a call (`MivaPipeline.__call__`)
@@ -33,32 +34,6 @@ class MivaOutput:
 
     def save(self, path: str | Path) -> Path:
         return save_video(self.frames, path, fps=self.fps)
-
-
-@dataclass
-class MaskStreams:
-    """The mask clips of the M-MIVAs in one call (§3.4) and their mask-step cache (B.1.3).
-
-    Mask latents are denoised only at the steps in `steps`; between two of them they are moved by one
-    deterministic DDIM jump (x_0 and ε from the one-step prediction, re-noised to the next mask step),
-    and the subject masks S^(j) that bias the video's attention are reused from the last prediction.
-    """
-
-    names: list[str]
-    latents: torch.Tensor  # (n, c, f, h, w) noisy mask latents at the next mask step
-    firsts: torch.Tensor  # (n, c, h, w) clean first-frame mask latents (kept at every step)
-    subjects: torch.Tensor  # (n, f, h, w) S^(j) at the latent grid: a prior, then the last prediction
-    first_pixels: torch.Tensor  # (n, H, W) the given first-frame masks
-    steps: list[int]  # sampling steps that run the mask streams
-    tolerance: float | None = None  # stop once the predicted masks change less than this (mean |ΔS|)
-    pixels: torch.Tensor | None = None  # (n, F, H, W) the last predicted masks at the output size
-    passes: int = 0
-
-    def due(self, step: int) -> bool:
-        return step in self.steps
-
-    def context_subjects(self) -> dict[str, torch.Tensor]:
-        return {name: self.subjects[k : k + 1] for k, name in enumerate(self.names)}
 
 
 class MivaPipeline:
@@ -147,15 +122,19 @@ class MivaPipeline:
         return schedules.dct_init(first.float(), noise, cutoff=dct_cutoff, levels=levels).to(first.dtype)
 
     def predict(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float,
-                streams: MaskStreams | None = None):
+                streams: MaskStreams | None = None, call: MivaCall | None = None):
         """The scheduler's prediction (ε, v or x0) with the adapters mixed by eq. S4.
 
         guidance_scale g is motion guidance: p_base + g (p_miva - p_base), p_base being the base with
         every adapter off; g = 1 (the paper's setting) needs one UNet pass per step. With `streams`,
         the M-MIVAs' mask clips run in the same pass (one batch: video, then each mask clip) and
-        (video prediction, mask predictions) is returned.
+        (video prediction, mask predictions) is returned. `call` is the sampling call's state
+        (`MivaAdapters.call`); without one, the pass opens its own.
         """
         base, manager = self.base, adapters_of(self.base.unet)
+        if call is None and manager is not None:
+            with manager.call() as call:
+                return self.predict(latents, first, timestep, adapters, guidance_scale, streams, call)
         inputs, firsts = [base.model_input(latents, first)], [first]
         if streams is not None:
             for k in range(len(streams.names)):
@@ -164,44 +143,27 @@ class MivaPipeline:
         b = latents.shape[0]
 
         def run(weights, joint=False):
-            if manager is not None:
-                manager.set_weights(weights)
-                manager.context.streams = (None, *streams.names) if joint else (None,)
+            if call is not None:
+                call.set(weights=weights, streams=(None, *streams.names) if joint else (None,))
             x = torch.cat(inputs) if joint else inputs[0]
             out = base.denoise(x, timestep, base.null_prompt_embeds).split(b)
             return [base.model_output(o, f) for o, f in zip(out, firsts)]
 
-        try:
-            outputs = run(adapters, joint=streams is not None)
-            prediction = outputs[0]
-            if guidance_scale != 1 and adapters:
-                base_prediction = run({})[0]
-                prediction = base_prediction + guidance_scale * (prediction - base_prediction)
-        finally:
-            if manager is not None:
-                manager.context.streams = (None,)
+        outputs = run(adapters, joint=streams is not None)
+        prediction = outputs[0]
+        if guidance_scale != 1 and adapters:
+            base_prediction = run({})[0]
+            prediction = base_prediction + guidance_scale * (prediction - base_prediction)
         return prediction if streams is None else (prediction, torch.cat(outputs[1:]))
 
-    def composite_owners(self, names: list[str], fitted: dict[str, torch.Tensor], latents: torch.Tensor):
-        """Where each M-MIVA of a composite draws, (1, 1, f, h, w) weights at the latent grid, in the order
-        of `names`: its subject's path (`masks.subject_paths`: where it is and where it was), less the
-        paths of the M-MIVAs after it (overlaps go to the later one, as in eq. S5)."""
-        owners, covered = [], None
-        for name in reversed(names):
-            path = masks_lib.subject_paths([fitted[name]])[0]
-            path = path if covered is None else path * (1 - covered)
-            covered = path if covered is None else covered + path
-            owners.append(masks_lib.to_latent_grid(self.base.latent_regions(path), *latents.shape[-2:])
-                          .to(latents)[None, None])
-        return owners[::-1]
-
     def predict_composite(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float,
-                          streams: MaskStreams, owners: list[torch.Tensor], due: bool):
+                          streams: MaskStreams, owners: list[torch.Tensor], due: bool, call: MivaCall | None = None):
         """A mix with M-MIVAs, composited: one UNet pass per M-MIVA, as if it were alone in the call (its
         subject mask biases the attention with eq. 3, its mask clip runs with it when `due`), one pass
-        for the plain adapters together (on their regions, unbiased), and each subject's path (its
-        `owners` weights, from `composite_owners`) takes its own M-MIVA's prediction, the rest of the
-        frame the plain adapters' (without any: the mean of the M-MIVAs' passes, which all hold it still).
+        for the plain adapters together (on their regions, unbiased: no M-MIVA is active in it), and
+        each subject's path (its `owners` weights, from `mask_streams.composite_owners`) takes its own
+        M-MIVA's prediction, the rest of the frame the plain adapters' (without any: the mean of the
+        M-MIVAs' passes, which all hold it still).
 
         Each M-MIVA learned to hold everything but its subject still, so in one shared pass each
         holds the other subjects (and a plain adapter's background) still as well; here everything is
@@ -209,87 +171,22 @@ class MivaPipeline:
         one for the plain adapters and one more for motion guidance. Returns (video prediction, mask
         predictions or None).
         """
-        names, context = streams.names, adapters_of(self.base.unet).context
+        names = streams.names
         plain = {name: w for name, w in adapters.items() if name not in names and w != 0}
         predictions, mask_predictions = [], []
         for k, name in enumerate(names):
-            own = (dataclasses.replace(streams, names=[name], latents=streams.latents[k : k + 1],
-                                       firsts=streams.firsts[k : k + 1]) if due else None)
-            out = self.predict(latents, first, timestep, {name: adapters[name]}, 1.0, own)
+            out = self.predict(latents, first, timestep, {name: adapters[name]}, 1.0, streams.one(k) if due else None, call)
             predictions.append(out[0] if due else out)
             if due:
                 mask_predictions.append(out[1])
-        subjects = context.subjects
-        try:
-            context.set_subjects({})  # the passes below have no M-MIVA, so no subject to bias them
-            rest = self.predict(latents, first, timestep, plain, 1.0) if plain else torch.stack(predictions).mean(0)
-            base_prediction = self.predict(latents, first, timestep, {}, 1.0) if guidance_scale != 1 else None
-        finally:
-            context.set_subjects(subjects)
+        rest = self.predict(latents, first, timestep, plain, 1.0, call=call) if plain else torch.stack(predictions).mean(0)
         prediction = rest
         for owner, p in zip(owners, predictions):
             prediction = prediction + owner * (p - rest)
-        if base_prediction is not None:
+        if guidance_scale != 1:
+            base_prediction = self.predict(latents, first, timestep, {}, 1.0, call=call)
             prediction = base_prediction + guidance_scale * (prediction - base_prediction)
         return prediction, torch.cat(mask_predictions) if due else None
-
-    def mask_streams(self, masked: list[str], fitted: dict[str, torch.Tensor], first_latent: torch.Tensor,
-                     num_frames: int, scheduler, generator, num_inference_steps: int, mask_steps, mask_tolerance,
-                     init: dict) -> MaskStreams:
-        """The M-MIVAs' mask clips: first-frame subject masks from the `fitted` masks of the call, the
-        rest initialised like the video (shared noise, DCTInit: "an identical procedure", B.3)."""
-        missing = [name for name in masked if name not in fitted]
-        if missing:
-            raise ValueError(f"M-MIVA '{missing[0]}' needs a mask of its subject on the first frame; "
-                             f"give masks={{'{missing[0]}': image}} (in the app: its region or phrase in the Mix tab).")
-        grid = first_latent.shape[-2:]
-        first_masks = torch.stack([fitted[name][0] for name in masked])
-        firsts = self.encode((first_masks[:, None] * 2 - 1).expand(-1, 3, -1, -1))  # (n, c, h, w)
-        latents = torch.cat([self.initial_latents(firsts[k : k + 1], self.base.latent_frames(num_frames), scheduler,
-                                                  generator, **init)
-                             for k in range(len(masked))]).to(firsts)
-        prior = masks_lib.to_latent_grid(first_masks, *grid)[:, None].expand(-1, self.base.latent_frames(num_frames), -1, -1)
-        if mask_steps is None:
-            mask_steps = masks_lib.mask_steps(num_inference_steps)
-        elif isinstance(mask_steps, str):
-            if mask_steps != "all":
-                raise ValueError(f"mask_steps is {mask_steps!r}; give a list of sampling steps, \"all\" or None.")
-            mask_steps = range(num_inference_steps)
-        steps = sorted({int(i) for i in mask_steps if 0 <= int(i) < num_inference_steps})
-        if 0 not in steps:
-            raise ValueError(f"mask_steps {list(mask_steps)} must include step 0, where the mask clips start "
-                             f"from noise (steps are 0..{num_inference_steps - 1}).")
-        return MaskStreams(list(masked), latents, firsts, prior.to(first_latent).clone(), first_masks, steps,
-                           mask_tolerance)
-
-    def update_masks(self, streams: MaskStreams, prediction: torch.Tensor, timesteps, step: int) -> None:
-        """One-step prediction of the masks (§3.4.2): x_0 of each mask clip decoded through the VAE becomes
-        S^(j); the mask latents jump to the next mask step (or stop there when none is left)."""
-        base, t = self.base, timesteps[step]
-        sample = streams.latents
-        x0 = base.predicted_sample(prediction, sample, t)
-        x0[:, :, 0] = streams.firsts
-        pixels = torch.stack([self.decode_unit(x0[k : k + 1]) for k in range(len(streams.names))])  # (n, F, H, W)
-        pixels[:, 0] = streams.first_pixels.to(pixels)
-        change = None if streams.pixels is None else float((pixels - streams.pixels).abs().mean())
-        streams.pixels = pixels
-        subjects = masks_lib.to_latent_grid(pixels, *sample.shape[-2:]).to(streams.subjects)
-        subjects[:, 0] = streams.subjects[:, 0]  # frame 0 stays the given mask
-        streams.subjects = subjects
-        streams.passes += 1
-        later = [i for i in streams.steps if i > step]
-        if streams.tolerance is not None and change is not None and change < streams.tolerance:
-            later = []  # the masks have settled: reuse them for the rest of the sampling
-        streams.steps = [i for i in streams.steps if i <= step] + later
-        if later:
-            signal, noise = (x.to(sample) for x in base.noise_levels(t))
-            eps = (sample - signal * x0) / noise
-            streams.latents = base.add_noise(x0, eps, timesteps[later[0]].reshape(1).to(sample.device))
-
-    @torch.no_grad()
-    def decode_unit(self, latents: torch.Tensor) -> torch.Tensor:
-        """(1, c, f, h, w) latents of a mask clip -> (F, H, W) in [0, 1] (channel mean of the decoded frames)."""
-        return ((self.base.decode_video(latents).float().mean(dim=1) + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def __call__(
@@ -358,15 +255,12 @@ class MivaPipeline:
         init = dict(shared_noise_ratio=shared_noise_ratio, dct_init=dct_init, dct_cutoff=dct_cutoff,
                     dct_timestep=dct_timestep)
         latents = self.initial_latents(first, base.latent_frames(num_frames), scheduler, generator, **init).to(base.device)
-        streams = (self.mask_streams(masked, fitted, first, num_frames, scheduler, generator, num_inference_steps,
+        streams = (MaskStreams.start(self, masked, fitted, first, num_frames, scheduler, generator, num_inference_steps,
                                      mask_steps, mask_tolerance, init) if masked else None)
         manager = adapters_of(base.unet)
-        confine = dict(manager=manager, adapters=adapters, masked=masked, latents=latents, exclusive=not composite)
-        regions = self._set_regions(fitted=fitted, **confine) if manager is not None else None
-        owners = self.composite_owners(masked, fitted, latents) if composite else None  # renewed with the masks
-        try:
-            if streams is not None:
-                manager.context.set_subjects(streams.context_subjects())
+        with manager.call() if manager is not None else contextlib.nullcontext() as call:
+            regions = self._confine(call, adapters, fitted, masked, latents, streams, exclusive=not composite)
+            owners = composite_owners(base, masked, fitted, latents) if composite else None  # renewed with the masks
             for i, t in enumerate(scheduler.timesteps):
                 latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
                 model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
@@ -375,24 +269,20 @@ class MivaPipeline:
                     streams.latents[:, :, 0] = streams.firsts
                 if composite:
                     prediction, mask_prediction = self.predict_composite(model_input, first, t, adapters, guidance_scale,
-                                                                         streams, owners, due)
+                                                                         streams, owners, due, call)
                 elif due:
-                    prediction, mask_prediction = self.predict(model_input, first, t, adapters, guidance_scale, streams)
+                    prediction, mask_prediction = self.predict(model_input, first, t, adapters, guidance_scale, streams,
+                                                               call)
                 else:
-                    prediction = self.predict(model_input, first, t, adapters, guidance_scale)
+                    prediction = self.predict(model_input, first, t, adapters, guidance_scale, call=call)
                 if due:
-                    self.update_masks(streams, mask_prediction, scheduler.timesteps, i)
-                    manager.context.set_subjects(streams.context_subjects())  # guides the following steps
+                    streams.update(base, mask_prediction, scheduler.timesteps, i)
                     fitted.update(zip(streams.names, streams.pixels.to(torch.float32).cpu()))
-                    regions = self._set_regions(fitted=fitted, **confine)
-                    owners = self.composite_owners(masked, fitted, latents) if composite else None
+                    regions = self._confine(call, adapters, fitted, masked, latents, streams, exclusive=not composite)
+                    owners = composite_owners(base, masked, fitted, latents) if composite else None
                 latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
                 if callback is not None:
                     callback(i + 1, len(scheduler.timesteps))
-        finally:
-            if manager is not None:
-                manager.set_regions({})
-                manager.context.set_subjects({})
         latents[:, :, 0] = first
         if adain:
             latents = schedules.adain(latents)  # once, after the last step (B.3.2)
@@ -427,13 +317,13 @@ class MivaPipeline:
             return None
         return masks_lib.unify_masks(list(self.fitted_masks(adapters, masks, num_frames, height, width).values()))
 
-    def _set_regions(self, manager, adapters: dict[str, float], fitted: dict[str, torch.Tensor], masked: list[str],
-                     latents: torch.Tensor, exclusive: bool = True) -> torch.Tensor | None:
-        """Confine the plain adapters to their part of the unified mask of `fitted` (eq. S5; an M-MIVA's
-        entry is its current subject masks, so the background follows a moving subject), and, if
-        `exclusive`, M-MIVAs mixed with other M-MIVAs to all but the others' subjects
-        (`masks.exclusive_regions`); returns S*."""
-        if not fitted:
+    def _confine(self, call, adapters: dict[str, float], fitted: dict[str, torch.Tensor], masked: list[str],
+                 latents: torch.Tensor, streams: MaskStreams | None, exclusive: bool = True) -> torch.Tensor | None:
+        """Set the call's regions and subject masks: the plain adapters confined to their part of the
+        unified mask of `fitted` (eq. S5; an M-MIVA's entry is its current subject masks, so the
+        background follows a moving subject) and, if `exclusive`, M-MIVAs mixed with other M-MIVAs to
+        all but the others' subjects (`masks.exclusive_regions`); returns S* (None without masks)."""
+        if call is None or not fitted:
             return None
         unified = masks_lib.unify_masks(list(fitted.values()))
         grid = latents.shape[-2:]
@@ -441,6 +331,7 @@ class MivaPipeline:
                    if name not in masked}
         mixed = masked if exclusive and len(masked) > 1 else []
         regions.update(zip(mixed, masks_lib.exclusive_regions([fitted[name] for name in mixed])))
-        manager.set_regions({name: masks_lib.to_latent_grid(self.base.latent_regions(r), *grid)[None].to(latents)
-                             for name, r in regions.items()}, exclusive=mixed)
+        call.set(regions={name: masks_lib.to_latent_grid(self.base.latent_regions(r), *grid)[None].to(latents)
+                          for name, r in regions.items()}, exclusive=mixed,
+                 subjects=streams.context_subjects() if streams is not None else {})
         return unified

@@ -10,151 +10,18 @@ diffusers routes every attention call through a processor; MIVA enters only ther
 
 Both hold their adapters' weights as sub-modules (`adapters[name]`), so the parameters appear in
 the UNet as `...attn1.processor.adapters.<name>.*`. Per-call state (which adapters, their weights,
-the frame count and the timestep embedding) cannot travel through diffusers' call chain, so it lives
-in one `MivaContext` that the processors read and that `miva.adapter` keeps up to date.
+regions and subject masks, the frame count and the timestep embedding) cannot travel through
+diffusers' call chain, so it lives in one `MivaContext` (`miva.context`) that the processors only read.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import masks
-
-
-@dataclass
-class MivaContext:
-    """Per-call state shared by all MIVA processors of one UNet."""
-
-    weights: dict[str, float] = field(default_factory=dict)  # active adapter -> weight (eq. S4)
-    num_frames: int | None = None  # frames per clip of the current forward pass
-    temb: torch.Tensor | None = None  # (b, d_t) timestep embedding c_t of the current pass
-    regions: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter -> (b, F, H, W) where it acts
-    exclusive: frozenset = frozenset()  # adapters whose regions reach a layer's tokens by min-pooling
-    # M-MIVA (§3.4): the batch is [video; mask clip of streams[1]; mask clip of streams[2]; ...] in a
-    # joint pass, and subjects[j] is M-MIVA j's subject confidence S^(j), (b, F, H, W) at the latent grid.
-    streams: tuple[str | None, ...] = (None,)
-    subjects: dict[str, torch.Tensor] = field(default_factory=dict)
-    _at_tokens: dict = field(default_factory=dict, repr=False)  # (name, layout, tokens) -> resized weights
-
-    def active(self, adapters: nn.ModuleDict) -> list[tuple[str, nn.Module, float]]:
-        return [(name, adapters[name], w) for name, w in self.weights.items() if w != 0 and name in adapters]
-
-    def set_regions(self, regions: dict[str, torch.Tensor], exclusive=()) -> None:
-        self.regions, self.exclusive = dict(regions), frozenset(exclusive)
-        self._at_tokens = {}
-
-    def set_subjects(self, subjects: dict[str, torch.Tensor], streams: tuple[str | None, ...] = (None,)) -> None:
-        self.subjects, self.streams = dict(subjects), tuple(streams)
-        self._at_tokens = {}
-
-    def _cached(self, key, make):
-        if key not in self._at_tokens:
-            self._at_tokens[key] = make()
-        return self._at_tokens[key]
-
-    def region(self, name: str, tokens: int, temporal: bool = False) -> torch.Tensor | None:
-        """Adapter `name`'s region weights for a layer's tokens, or None where it acts everywhere:
-        (b F, n, 1) for a spatial attention of n tokens, (b h w, F, 1) for a motion module of n rows."""
-        region = self.regions.get(name)
-        if region is None:
-            return None
-        resize = masks.temporal_token_weights if temporal else masks.spatial_token_weights
-        pool = "min" if name in self.exclusive else "area"
-        return self._cached((name, temporal, tokens), lambda: resize(region, tokens, pool))
-
-    def weighted(self, name: str, weight: float, out: torch.Tensor, temporal: bool = False,
-                 stream: int | None = None) -> torch.Tensor:
-        """An adapter's output scaled by its weight and, on the video, by its region if it has one.
-
-        `out` covers every stream of the pass (batch-major: video, then mask clips), or only stream
-        `stream`. An adapter acts on the video and on its own mask clip only, never on another
-        M-MIVA's (as in training, where a mask clip meets only its own adapter)."""
-        streams = self.streams if stream is None else (self.streams[stream],)
-        if self.regions.get(name) is None:  # one scale per stream: a multiply, not split + cat
-            if all(kind is None or kind == name for kind in streams):
-                return out if weight == 1 else weight * out
-            rows = out.shape[0] // len(streams)
-            scale = self._cached(("scale", name, weight, streams, rows, out.dtype, out.device), lambda: torch.tensor(
-                [weight if kind is None or kind == name else 0.0 for kind in streams], dtype=out.dtype,
-                device=out.device).repeat_interleave(rows).view(-1, *[1] * (out.ndim - 1)))
-            return out * scale
-        if len(streams) == 1 and streams[0] is None:
-            pieces = [out]
-        else:
-            pieces = list(out.split(out.shape[0] // len(streams)))
-        for s, (kind, piece) in enumerate(zip(streams, pieces)):
-            if kind is not None:  # a mask clip
-                pieces[s] = weight * piece if kind == name else torch.zeros_like(piece)
-                continue
-            region = self.region(name, piece.shape[0] if temporal else piece.shape[1], temporal)
-            pieces[s] = weight * piece if region is None else piece * (weight * region).to(piece.dtype)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-    # -- M-MIVA attention biases (eq. 3, eq. S6) ------------------------------------------------
-    def _active_names(self) -> tuple[str, ...]:
-        return tuple(name for name, w in self.weights.items() if w != 0)
-
-    def _subjects_at(self, tokens: int) -> list[torch.Tensor | None]:
-        """Each active adapter's subject confidence at a layer's tokens, (b, F, n); None if unmasked."""
-        def make():
-            return [rearrange(masks.at_tokens(self.subjects[name], tokens), "b f h w -> b f (h w)")
-                    if name in self.subjects else None for name in self._active_names()]
-        return self._cached(("subjects", self._active_names(), tokens), make)
-
-    def _unified_at(self, tokens: int) -> torch.Tensor:
-        return self._cached(("unified", self._active_names(), tokens), lambda: masks.unify_masks(self._subjects_at(tokens)))
-
-    def _shared(self, tokens: int):
-        """What the base's own attentions are biased by: (b, F, n) labels and their pair bias; one
-        M-MIVA alone: its confidence S with eq. 3; several adapters: the unified mask S* with eq. S6."""
-        per_adapter = self._subjects_at(tokens)
-        if len(per_adapter) == 1:
-            return per_adapter[0], masks.mask_bias
-        return self._unified_at(tokens), masks.unified_bias
-
-    def self_bias(self, tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """The video stream's spatial self-attention bias, (b F, 1, n, n): eq. 3 for one M-MIVA alone,
-        eq. S6 on the unified mask S* when several adapters share the frame; None without M-MIVAs."""
-        if not self.subjects:
-            return None
-
-        def make():
-            labels, bias = self._shared(tokens)
-            return rearrange(bias(labels, labels), "b f n m -> (b f) 1 n m").to(dtype)
-        return self._cached(("self_bias", self._active_names(), tokens, dtype), make)
-
-    def temporal_bias(self, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """The video stream's temporal self-attention (t-SA) bias, (b h w, 1, F, F): the same rule as
-        `self_bias`, between one pixel's frames, for `rows` video rows of a motion module; None without
-        M-MIVAs."""
-        if not self.subjects or not self._active_names():
-            return None
-
-        def make():
-            labels, bias = self._shared(rows // next(iter(self.subjects.values())).shape[0])
-            labels = rearrange(labels, "b f n -> b n f")
-            return rearrange(bias(labels, labels), "b n f g -> (b n) 1 f g").to(dtype)
-        return self._cached(("temporal_bias", self._active_names(), rows, dtype), make)
-
-    def cross_bias(self, name: str, tokens: int, num_frames: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """Adapter `name`'s CFA bias over frame 1 and frame i-1, (b F, 1, n, 2n): eq. 3 on its own
-        subject mask; an unmasked adapter mixed with M-MIVAs uses the background 1(S* = 0) (B.2.1)."""
-        if not self.subjects:
-            return None
-
-        def make():
-            if name in self.subjects:
-                subject = self._subjects_at(tokens)[self._active_names().index(name)]
-            else:
-                subject = (self._unified_at(tokens) == 0).float()
-            keys = _reference_frames(rearrange(subject, "b f n -> (b f) 1 n 1"), num_frames)[:, :, 0, :, 0]
-            return rearrange(masks.mask_bias(subject, keys), "b f n m -> (b f) 1 n m").to(dtype)
-        return self._cached(("cross_bias", self._active_names(), name, tokens, dtype), make)
+from .context import MivaContext
 
 
 class LowRankLinear(nn.Module):
@@ -363,7 +230,7 @@ class CrossFrameAttnProcessor(_MivaProcessor):
             else:
                 modules = []
             for name, adapter, weight in modules:
-                bias = context.cross_bias(name, n, num_frames, query.dtype) if stream is None else None
+                bias = context.cross_bias(name, n, query.dtype) if stream is None else None
                 cfa_query = _split_heads(adapter.query(hidden_states[part], query[part]), attn.heads)
                 cfa = _cfa(adapter, cfa_query, cfa_key[part], ref_value[clips], clip_temb[clips], bias)
                 pieces[s] = pieces[s] + context.weighted(name, weight, cfa, stream=s)
@@ -379,16 +246,11 @@ class TemporalBiasProcessor(_MivaProcessor):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         context, total = self.context, hidden_states.shape[0]
-        rows = total // len(context.streams)
         bias = None
-        if encoder_hidden_states is None and hidden_states.ndim == 3:
-            bias = context.temporal_bias(rows, hidden_states.dtype)
+        if encoder_hidden_states is None and hidden_states.ndim == 3:  # the mask clips' rows follow the video's
+            bias = context.temporal_bias(total // len(context.streams), total, hidden_states.dtype)
         if bias is None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if total > rows:  # the mask clips' rows follow, unbiased: one attention call for all streams
-            key = ("temporal_bias", "all streams", context._active_names(), rows, total, bias.dtype)
-            bias = context._cached(key, lambda: torch.cat(
-                [bias, bias.new_zeros((total - rows,) + bias.shape[1:])]))
         q, k, v = (_split_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
         return _attend(attn, q, k, v, attention_mask, bias=bias)
 

@@ -17,6 +17,7 @@ from . import masks as masks_lib
 from . import schedules
 from .adapter import attach, check_adapter_name, detach, read_adapter, save_adapter
 from .config import WEIGHTS_NAME, MivaConfig
+from .mask_streams import decode_masks
 from .loop import CHECKPOINT_DIR, ProgressCallback, diffusion_loss, plot_losses, run_training
 
 DEFAULT_LR = {"animatediff-v3": 1e-5, "wan2.1-1.3b": 1e-5}  # the paper's Adam lr for the real bases; others: FALLBACK_LR
@@ -47,9 +48,9 @@ class MaskTraining:
     can dwarf the video's, and with gradient clipping the video then barely learns (see the README).
     """
 
-    def __init__(self, pipe, manager, name: str, masks: list[np.ndarray], steps: int, augment: int = 1,
+    def __init__(self, pipe, call, name: str, masks: list[np.ndarray], steps: int, augment: int = 1,
                  mask_loss_weight: float = 1.0):
-        self.pipe, self.manager, self.name, self.steps, self.augment = pipe, manager, name, steps, augment
+        self.pipe, self.call, self.name, self.steps, self.augment = pipe, call, name, steps, augment
         self.mask_loss_weight = mask_loss_weight
         pixels = [np.repeat((np.asarray(m, dtype=np.float32) * 255).round().astype(np.uint8)[..., None], 3, -1)
                   for m in masks]
@@ -63,28 +64,27 @@ class MaskTraining:
         truth = self.truth[index.to(self.truth.device)]
         use_truth = float(torch.rand((), generator=generator)) < schedules.mask_dropout_probability(step, self.steps)
         timesteps = base.sample_timesteps(b, generator).repeat(2)
-        context = self.manager.context
+        streams = (None, self.name)  # the batch: the video clips, then their mask clips
 
         def set_masks(noisy, t, first):
             subjects = truth
             if not use_truth:  # the one-step prediction, as sampling will see it
-                prior = truth[:, :1].expand_as(truth)
-                context.set_subjects({self.name: prior}, streams=(None, self.name))
+                self.call.set(subjects={self.name: truth[:, :1].expand_as(truth)}, streams=streams)  # the prior
                 with torch.no_grad():
                     out = base.model_output(base.denoise(base.model_input(noisy, first), t, base.null_prompt_embeds), first)
                     x0 = base.predicted_sample(out[b:], noisy[b:], t[b:].reshape(-1, *[1] * (noisy.ndim - 1)))
                     x0[:, :, 0] = first[b:]
-                    decoded = torch.stack([self.pipe.decode_unit(x0[k : k + 1]) for k in range(b)])
+                    decoded = torch.stack([decode_masks(base, x0[k : k + 1]) for k in range(b)])
                     subjects = masks_lib.to_latent_grid(decoded, *noisy.shape[-2:]).to(truth)
                     subjects[:, 0] = truth[:, 0]
-            context.set_subjects({self.name: subjects}, streams=(None, self.name))
+            self.call.set(subjects={self.name: subjects}, streams=streams)
 
         try:
             both = torch.cat([latents, self.latents[index.to(self.latents.device)]])
             weights = torch.tensor([1.0] * b + [self.mask_loss_weight] * b)
             return diffusion_loss(base, both, generator, timesteps=timesteps, before_forward=set_masks, clip_weights=weights)
         finally:
-            context.set_subjects({})
+            self.call.set(subjects={}, streams=(None,))
 
 
 def save_preview(pipe, name: str, first: np.ndarray, out: Path, frames: int, steps: int = 25, seed: int = 0,
@@ -185,51 +185,51 @@ def train_adapter(
         torch.manual_seed(seed)
         manager = attach(base.unet, config, name, base=base.id)
     try:
-        manager.set_trainable(name)
-        manager.set_weights({name: 1.0})
-        if init is not None:  # a resumed run's checkpoint replaces these weights
-            start_from(manager, name, init)
-        if gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
-        params = manager.parameters(name)
-        autocast = (torch.autocast(device_type=base.device.type, dtype=getattr(torch, mixed_precision))
-                    if mixed_precision else contextlib.nullcontext())
+        with manager.call(weights={name: 1.0}) as call:  # only this adapter acts, at its trained weight
+            manager.set_trainable(name)
+            if init is not None:  # a resumed run's checkpoint replaces these weights
+                start_from(manager, name, init)
+            if gradient_checkpointing:
+                base.unet.enable_gradient_checkpointing()
+            params = manager.parameters(name)
+            autocast = (torch.autocast(device_type=base.device.type, dtype=getattr(torch, mixed_precision))
+                        if mixed_precision else contextlib.nullcontext())
 
-        mask_training = None
-        if config.masked:
-            mask_training = MaskTraining(pipe, manager, name, masks, steps, augment, mask_loss_weight)
+            mask_training = None
+            if config.masked:
+                mask_training = MaskTraining(pipe, call, name, masks, steps, augment, mask_loss_weight)
 
-        def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-            index = torch.randint(0, len(latents), (batch,), generator=generator)
-            with autocast:
-                if mask_training is not None:
-                    return mask_training.loss(latents[index.to(latents.device)], index, generator, step)
-                return diffusion_loss(base, latents[index.to(latents.device)], generator)
+            def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+                index = torch.randint(0, len(latents), (batch,), generator=generator)
+                with autocast:
+                    if mask_training is not None:
+                        return mask_training.loss(latents[index.to(latents.device)], index, generator, step)
+                    return diffusion_loss(base, latents[index.to(latents.device)], generator)
 
-        base.unet.train()
-        state = run_training(
-            params, loss_fn, steps, out, seed=seed, lr=lr, checkpoint_every=checkpoint_every, resume=resume,
-            meta={"what": "adapter", "base": base.id, "motion": motion, "clips": len(clips), "batch": batch,
-                  "seed": seed, "lr": lr, "augment": augment,
-                  # an M-MIVA's mask-dropout schedule depends on the run's length
-                  **({"masked": True, "steps": steps} if config.masked else {}),
-                  **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {}),
-                  **started},
-            callback=callback, should_stop=should_stop,
-        )
-        base.unet.eval()
-        if gradient_checkpointing:
-            base.unet.disable_gradient_checkpointing()
-        if state.step < steps:
-            return None
-        config.training["seconds"] = round(state.seconds, 1)
-        config.training["final_loss"] = round(float(np.mean(state.losses[-20:])), 5)
-        out.mkdir(parents=True, exist_ok=True)
-        plot_losses(state.losses, out / "loss.png", f"{motion}: training loss")
-        save_preview(pipe, name, clips[0][0], out, frames, preview_steps, seed, masks[0][0] if config.masked else None)
-        save_adapter(base.unet, name, out)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        return out
+            base.unet.train()
+            state = run_training(
+                params, loss_fn, steps, out, seed=seed, lr=lr, checkpoint_every=checkpoint_every, resume=resume,
+                meta={"what": "adapter", "base": base.id, "motion": motion, "clips": len(clips), "batch": batch,
+                      "seed": seed, "lr": lr, "augment": augment,
+                      # an M-MIVA's mask-dropout schedule depends on the run's length
+                      **({"masked": True, "steps": steps} if config.masked else {}),
+                      **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {}),
+                      **started},
+                callback=callback, should_stop=should_stop,
+            )
+            base.unet.eval()
+            if gradient_checkpointing:
+                base.unet.disable_gradient_checkpointing()
+            if state.step < steps:
+                return None
+            config.training["seconds"] = round(state.seconds, 1)
+            config.training["final_loss"] = round(float(np.mean(state.losses[-20:])), 5)
+            out.mkdir(parents=True, exist_ok=True)
+            plot_losses(state.losses, out / "loss.png", f"{motion}: training loss")
+            save_preview(pipe, name, clips[0][0], out, frames, preview_steps, seed, masks[0][0] if config.masked else None)
+            save_adapter(base.unet, name, out)
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            return out
     finally:
         base.unet.eval()
         detach(base.unet, name)

@@ -50,12 +50,14 @@ def test_adapters_change_the_output_and_weight_zero_is_the_base(tiny_base):
     randomize(manager.parameters("a"))
     attach(tiny_base.unet, MivaConfig(base="tiny"), "b")
     randomize(manager.parameters("b"), seed=2)
-    manager.set_weights({"a": 1.0, "b": 1.0})
-    assert (forward(tiny_base) - stock).abs().max() > 1e-3
-    manager.set_weights({"a": 0.0, "b": 0.0})
-    assert torch.allclose(forward(tiny_base), stock, atol=1e-6)
-    manager.set_weights({})
-    assert torch.allclose(forward(tiny_base), stock, atol=1e-6)
+    assert manager.context.weights == {"a": 1.0, "b": 1.0}  # outside a call: every adapter as trained
+    mixed = forward(tiny_base)
+    assert (mixed - stock).abs().max() > 1e-3
+    with manager.call(weights={"a": 0.0, "b": 0.0}):
+        assert torch.allclose(forward(tiny_base), stock, atol=1e-6)
+    with manager.call(weights={}):
+        assert torch.allclose(forward(tiny_base), stock, atol=1e-6)
+    assert torch.equal(forward(tiny_base), mixed)  # the call's state is gone after it
 
 
 def test_one_adapter_at_weight_one_equals_it_alone(tiny_base):
@@ -64,8 +66,8 @@ def test_one_adapter_at_weight_one_equals_it_alone(tiny_base):
     alone = forward(tiny_base)
     attach(tiny_base.unet, MivaConfig(base="tiny"), "b")
     randomize(manager.parameters("b"), seed=2)
-    manager.set_weights({"a": 1.0, "b": 0.0})
-    assert torch.allclose(forward(tiny_base), alone, atol=1e-6)
+    with manager.call(weights={"a": 1.0, "b": 0.0}):
+        assert torch.allclose(forward(tiny_base), alone, atol=1e-6)
     detach(tiny_base.unet, "b")
     assert torch.allclose(forward(tiny_base), alone, atol=1e-6)
 
@@ -77,11 +79,10 @@ def test_weights_scale_each_adapter_contribution(tiny_base):
     name = next(n for n, p in manager._processors.items() if isinstance(p, CrossFrameAttnProcessor))
     attn = tiny_base.unet.get_submodule(name)
     hidden = torch.randn(4, 16, attn.to_q.in_features)
-    manager.context.num_frames, manager.context.temb = 4, torch.randn(1, 64)
+    manager.context._record_pass(num_frames=4, temb=torch.randn(1, 64))  # what the UNet's hooks record
     outs = {}
     for w in (0.0, 0.5, 1.0):
-        manager.set_weights({"a": w})
-        with torch.no_grad():
+        with manager.call(weights={"a": w}), torch.no_grad():
             outs[w] = attn(hidden)
     assert torch.allclose(outs[0.5] - outs[0.0], 0.5 * (outs[1.0] - outs[0.0]), atol=1e-5)
 
@@ -89,14 +90,14 @@ def test_weights_scale_each_adapter_contribution(tiny_base):
 @pytest.mark.parametrize("weight", [-0.1, 2.5, math.nan, math.inf, "heavy"])
 def test_bad_weights_are_refused(tiny_base, weight):
     manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "a")
-    with pytest.raises(ValueError, match="weight of adapter 'a'"):
-        manager.set_weights({"a": weight})
+    with pytest.raises(ValueError, match="weight of adapter 'a'"), manager.call(weights={"a": weight}):
+        pass
 
 
 def test_unknown_adapter_weight_is_refused(tiny_base):
     manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "a")
-    with pytest.raises(KeyError, match="no adapter named 'zoom'"):
-        manager.set_weights({"zoom": 1.0})
+    with pytest.raises(KeyError, match="no adapter named 'zoom'"), manager.call(weights={"zoom": 1.0}):
+        pass
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x" * 65, "a.b"])
@@ -113,8 +114,8 @@ def test_only_the_trained_adapter_requires_grad(tiny_base):
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert trainable and all(".a." in n for n in trainable)
     assert len(trainable) == len(manager.parameters("a"))
-    manager.set_weights({"a": 1.0, "b": 0.5})  # PEFT's set_adapter must not steal the flags
-    assert {n for n, p in unet.named_parameters() if p.requires_grad} == trainable
+    with manager.call(weights={"a": 1.0, "b": 0.5}):  # PEFT's set_adapter must not steal the flags
+        assert {n for n, p in unet.named_parameters() if p.requires_grad} == trainable
 
 
 def test_zero_initialised_output_gets_gradient_first(tiny_base):

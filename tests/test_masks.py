@@ -129,17 +129,17 @@ def test_a_region_of_zeros_is_the_base_and_of_ones_is_the_adapter(tiny_base):
     assert (full - stock).abs().max() > 1e-3
     sample = unet_inputs(tiny_base)[0]
     grid = (1, 4) + tuple(sample.shape[-2:])
-    manager.set_regions({"a": torch.zeros(grid)})  # CFA, implicit prompt and temporal LoRA all silenced
-    assert torch.allclose(forward(tiny_base), stock, atol=1e-6)
-    manager.set_regions({"a": torch.ones(grid)})
-    assert torch.allclose(forward(tiny_base), full, atol=1e-6)
-    half = torch.zeros(grid)
-    half[..., : grid[-1] // 2] = 1
-    manager.set_regions({"a": half})
-    partial = forward(tiny_base)
-    assert not torch.allclose(partial, stock, atol=1e-4) and not torch.allclose(partial, full, atol=1e-4)
-    with pytest.raises(KeyError, match="not attached"):
-        manager.set_regions({"b": half})
+    with manager.call(regions={"a": torch.zeros(grid)}) as call:  # CFA, implicit prompt and temporal LoRA silenced
+        assert torch.allclose(forward(tiny_base), stock, atol=1e-6)
+        call.set(regions={"a": torch.ones(grid)})
+        assert torch.allclose(forward(tiny_base), full, atol=1e-6)
+        half = torch.zeros(grid)
+        half[..., : grid[-1] // 2] = 1
+        call.set(regions={"a": half})
+        partial = forward(tiny_base)
+        assert not torch.allclose(partial, stock, atol=1e-4) and not torch.allclose(partial, full, atol=1e-4)
+        with pytest.raises(KeyError, match="not attached"):
+            call.set(regions={"b": half})
 
 
 def test_pipeline_masks(pipe, first_frame):

@@ -10,6 +10,7 @@ from miva.adapter import adapters_of, attach, load_adapter
 from miva.backends import load_base, meta_unet
 from miva.cli import main
 from miva.config import MivaConfig
+from miva.mask_streams import composite_owners
 from miva.train import train_adapter
 
 from conftest import randomize
@@ -72,16 +73,17 @@ def test_the_video_attention_is_biased_by_the_subject_masks(tiny_base):
     subject = torch.zeros(1, 3, 4, 4)
     subject[:, :, :2] = 1  # top half, all 3 frames
     context = manager.context
-    context.set_subjects({"m": subject})
-    manager.set_weights({"m": 1.0})
-    flat = subject.flatten(2)  # (1, 3, 16)
-    assert torch.allclose(context.self_bias(16)[:, 0], masks_lib.mask_bias(flat, flat).flatten(0, 1))
-    manager.set_weights({"m": 1.0, "plain": 1.0})
-    bias = context.self_bias(16)
-    assert bias[0, 0, 0, 1] == pytest.approx(0, abs=1e-5) and bias[0, 0, 0, 15] == pytest.approx(np.log(masks_lib.EPS))  # top vs bottom
-    background = context.cross_bias("plain", 16, 3)  # (b F, 1, n, 2n): bottom tokens attend to the bottom
-    assert background.shape == (3, 1, 16, 32) and background[0, 0, 15, 15] == pytest.approx(0, abs=1e-5)
-    assert background[0, 0, 15, 0] == pytest.approx(np.log(masks_lib.EPS))
+    with manager.call(weights={"m": 1.0}, subjects={"m": subject}) as call:
+        flat = subject.flatten(2)  # (1, 3, 16)
+        assert torch.allclose(context.self_bias(16)[:, 0], masks_lib.mask_bias(flat, flat).flatten(0, 1))
+        call.set(weights={"m": 1.0, "plain": 1.0})
+        bias = context.self_bias(16)
+        assert bias[0, 0, 0, 1] == pytest.approx(0, abs=1e-5) and bias[0, 0, 0, 15] == pytest.approx(np.log(masks_lib.EPS))  # top vs bottom
+        background = context.cross_bias("plain", 16)  # (b F, 1, n, 2n): bottom tokens attend to the bottom
+        assert background.shape == (3, 1, 16, 32) and background[0, 0, 15, 15] == pytest.approx(0, abs=1e-5)
+        assert background[0, 0, 15, 0] == pytest.approx(np.log(masks_lib.EPS))
+        call.set(weights={"plain": 1.0})  # no M-MIVA active: nothing is biased
+        assert context.self_bias(16) is None and context.cross_bias("plain", 16) is None
 
 
 def test_the_temporal_attention_is_biased_between_a_pixels_frames(tiny_base):
@@ -93,18 +95,19 @@ def test_the_temporal_attention_is_biased_between_a_pixels_frames(tiny_base):
     subject = torch.zeros(1, 3, 4, 4)
     subject[:, 0, :2] = 1  # the top half is the subject in frame 0 only
     context = manager.context
-    context.set_subjects({"m": subject}, streams=(None, "m"))
-    bias = context.temporal_bias(16)  # (b h w, 1, F, F)
-    assert bias.shape == (16, 1, 3, 3)
-    assert bias[0, 0, 0, 1] == pytest.approx(np.log(masks_lib.EPS)) and bias[0, 0, 1, 2] == pytest.approx(0, abs=1e-5)
-    assert torch.allclose(bias[15, 0], torch.zeros(3, 3), atol=1e-5)  # bottom: background in every frame
-    hidden = torch.randn(32, 3, attn.to_q.in_features)  # rows: the video's 16 pixels, then the mask clip's
-    out = processor(attn, hidden)
-    stock = processor.stock(attn, hidden)
-    assert torch.allclose(out[16:], stock[16:], atol=1e-6)  # the mask clip is not biased
-    assert not torch.allclose(out[:16], stock[:16], atol=1e-4)
-    context.set_subjects({})
-    assert torch.equal(processor(attn, hidden), stock)  # no M-MIVA: the stock attention
+    with manager.call(subjects={"m": subject}, streams=(None, "m")) as call:
+        bias = context.temporal_bias(16, 16)  # (b h w, 1, F, F)
+        assert bias.shape == (16, 1, 3, 3)
+        assert torch.equal(context.temporal_bias(16, 32)[16:], torch.zeros(16, 1, 3, 3))  # the mask clip's rows
+        assert bias[0, 0, 0, 1] == pytest.approx(np.log(masks_lib.EPS)) and bias[0, 0, 1, 2] == pytest.approx(0, abs=1e-5)
+        assert torch.allclose(bias[15, 0], torch.zeros(3, 3), atol=1e-5)  # bottom: background in every frame
+        hidden = torch.randn(32, 3, attn.to_q.in_features)  # rows: the video's 16 pixels, then the mask clip's
+        out = processor(attn, hidden)
+        stock = processor.stock(attn, hidden)
+        assert torch.allclose(out[16:], stock[16:], atol=1e-6)  # the mask clip is not biased
+        assert not torch.allclose(out[:16], stock[:16], atol=1e-4)
+        call.set(subjects={})
+        assert torch.equal(processor(attn, hidden), stock)  # no M-MIVA: the stock attention
 
 
 def test_the_mask_streams_own_cfa_shapes_the_predicted_masks(pipe, first_frame, subject):
@@ -240,17 +243,16 @@ def test_joint_passes_weight_each_adapter_on_the_video_and_its_own_mask_clip(tin
     region = torch.zeros(1, 3, 4, 4)
     region[..., :2] = 1  # left half
     context = manager.context
-    context.set_regions({"p": region})
-    context.streams = (None, "m")
-    out = torch.ones(2 * 16, 3, 1)  # temporal layout: (S b h w, F, c), S = 2
-    weighted = context.weighted("p", 0.5, out, temporal=True)
-    video = weighted[:16, 0, 0].view(4, 4)
-    assert torch.equal(video[:, :2], torch.full((4, 2), 0.5)) and not video[:, 2:].any()
-    assert not weighted[16:].any()  # m's mask clip: untouched by p
-    assert torch.equal(context.weighted("m", 0.5, out, temporal=True)[16:], torch.full((16, 3, 1), 0.5))
-    spatial = torch.ones(2 * 3, 16, 1)  # (S b F, n, c)
-    assert torch.equal(context.weighted("p", 1.0, spatial)[:3, :, 0], region.flatten(2)[0])
-    context.streams = (None,)
+    with manager.call(regions={"p": region}, streams=(None, "m")):
+        out = torch.ones(2 * 16, 3, 1)  # temporal layout: (S b h w, F, c), S = 2
+        weighted = context.weighted("p", 0.5, out, temporal=True)
+        video = weighted[:16, 0, 0].view(4, 4)
+        assert torch.equal(video[:, :2], torch.full((4, 2), 0.5)) and not video[:, 2:].any()
+        assert not weighted[16:].any()  # m's mask clip: untouched by p
+        assert torch.equal(context.weighted("m", 0.5, out, temporal=True)[16:], torch.full((16, 3, 1), 0.5))
+        spatial = torch.ones(2 * 3, 16, 1)  # (S b F, n, c)
+        assert torch.equal(context.weighted("p", 1.0, spatial)[:3, :, 0], region.flatten(2)[0])
+    assert context.streams == (None,) and not context.regions
 
 
 def test_a_plain_adapter_in_an_m_miva_mix_acts_on_the_moving_background(pipe, first_frame, subject):
@@ -302,17 +304,18 @@ def test_composited_m_mivas_each_run_as_if_alone(pipe, first_frame, two_m_mivas,
     context = adapters_of(pipe.base.unet).context
     calls, predict = [], pipe.predict
 
-    def spy(latents, first, timestep, adapters, guidance_scale, streams=None):
+    def spy(latents, first, timestep, adapters, guidance_scale, streams=None, call=None):
+        out = predict(latents, first, timestep, adapters, guidance_scale, streams, call)  # the pass's state stays
         calls.append((dict(adapters), None if streams is None else list(streams.names), set(context.regions),
-                      set(context.subjects)))
-        return predict(latents, first, timestep, adapters, guidance_scale, streams)
+                      context.self_bias(256) is not None))
+        return out
 
     monkeypatch.setattr(pipe, "predict", spy)
     out = pipe(first_frame, adapters={"m1": 1.0, "p": 0.7, "m2": 0.5}, masks=two_m_mivas, **STEPS)
     assert len(calls) == 3 * STEPS["num_inference_steps"]
     assert [c[0] for c in calls[:3]] == [{"m1": 1.0}, {"m2": 0.5}, {"p": 0.7}]
     assert all(regions == {"p"} for _, _, regions, _ in calls)  # p on the background; the M-MIVAs unconfined
-    assert [c[3] for c in calls[:3]] == [{"m1", "m2"}, {"m1", "m2"}, set()]
+    assert [c[3] for c in calls[:3]] == [True, True, False]  # each M-MIVA biased by its subject; p's pass not
     due = masks_lib.mask_steps(10)  # steps 0..7 run the mask clips, 8 and 9 reuse the masks
     assert [c[1] for c in calls[1::3]] == [["m2"] if i in due else None for i in range(10)]
     assert set(out.subject_masks) == {"m1", "m2"} and out.mask_passes == len(due)
@@ -328,14 +331,14 @@ def test_each_subject_path_takes_its_own_m_mivas_prediction(pipe, two_m_mivas, m
     plain adapters' pass (without one, the M-MIVA passes' mean); motion guidance then applies to the
     composite."""
     value = {"m1": 1.0, "m2": 3.0, "p": 5.0}
-    monkeypatch.setattr(pipe, "predict", lambda latents, first, t, adapters, g, streams=None: torch.full_like(
+    monkeypatch.setattr(pipe, "predict", lambda latents, first, t, adapters, g, streams=None, call=None: torch.full_like(
         latents, value[next(iter(adapters))] if adapters else 0.0))
     fitted = {name: torch.from_numpy(m)[None].expand(4, -1, -1) for name, m in two_m_mivas.items()}
     latents = torch.zeros(1, 4, 4, 16, 16)
     names = ["m1", "m2"]
     streams = type("Streams", (), {"names": names})()
     adapters = {"m1": 1.0, "m2": 1.0, **({"p": 1.0} if plain else {})}
-    owners = pipe.composite_owners(names, fitted, latents)
+    owners = composite_owners(pipe.base, names, fitted, latents)
     out, masks = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, owners, due=False)
     assert masks is None
     frame = out[0, 0, 1]  # latent grid 16x16: m1's subject rows 4:12, cols 2:10; m2's cols 12:15
@@ -344,6 +347,6 @@ def test_each_subject_path_takes_its_own_m_mivas_prediction(pipe, two_m_mivas, m
     guided, _ = pipe.predict_composite(latents, None, 500, adapters, 2.0, streams, owners, due=False)
     assert torch.allclose(guided, 2 * out)  # base prediction 0: p = 0 + 2 (composite - 0)
     fitted["m1"] = fitted["m2"]  # the same subject for both: the later M-MIVA draws it
-    owners = pipe.composite_owners(names, fitted, latents)
+    owners = composite_owners(pipe.base, names, fitted, latents)
     out, _ = pipe.predict_composite(latents, None, 500, adapters, 1.0, streams, owners, due=False)
     assert torch.allclose(out[0, 0, 1, 6, 13], torch.tensor(3.0)) and torch.allclose(out[0, 0, 1, 6, 5], out[0, 0, 1, 0, 0])

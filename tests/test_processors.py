@@ -38,11 +38,11 @@ def test_cfa_matches_the_equation(tiny_base):
     frames, tokens = 5, 12
     hidden = torch.randn(frames, tokens, attn.to_q.in_features)
     temb = torch.randn(1, adapter.weighting.in_features)
-    manager.context.num_frames, manager.context.temb = frames, temb
+    manager.context._record_pass(num_frames=frames, temb=temb)  # what the UNet's hooks record
     with torch.no_grad():
         with_cfa = attn(hidden)
-        manager.set_weights({"a": 0.0})
-        plain = attn(hidden)
+        with manager.call(weights={"a": 0.0}):
+            plain = attn(hidden)
         expected = reference_cfa(attn, adapter, hidden, frames, temb)
     assert torch.allclose(with_cfa - plain, expected, atol=1e-5)
 
