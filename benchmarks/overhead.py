@@ -8,12 +8,17 @@
 The base and base+MIVA denoisers (random weights: values do not change cost) run interleaved in one
 process, so machine noise hits both alike. The FLOP ratio of the same two models on the same input
 is counted with torch.utils.flop_counter on the meta device: it is the floor that no implementation
-of the method can beat. Last line: `overhead_ratio X flop_ratio Y` (X = denoiser step time ratio).
+of the method can beat. The number of kernels a step launches (every non-view aten op, counted on the
+meta device with a dispatch mode) is the launch-bound proxy that needs no GPU. The MIVA model runs as
+the sampler runs it: inside a call, with its temporal LoRA folded in. Last line:
+`overhead_ratio X flop_ratio Y kernel_ratio Z` (X = denoiser step time ratio).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import json
 import statistics
@@ -23,11 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from miva.adapter import attach  # noqa: E402
+from miva.adapter import adapters_of, attach  # noqa: E402
 from miva.backends import Base, animatediff, wan  # noqa: E402
 from miva.config import MivaConfig  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
@@ -95,14 +102,70 @@ def step(unet, sample, embeds):
     return unet(sample, t, encoder_hidden_states=embeds)
 
 
-def count_flops(name: str) -> tuple[int, int]:
-    totals = []
+@contextlib.contextmanager
+def as_sampled(unet):
+    """The state the sampler runs an attached MIVA in for a whole call: its temporal LoRA folded in."""
+    manager = adapters_of(unet)
+    if manager is None:
+        yield
+        return
+    with manager.call(), manager.merged_lora():
+        yield
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the aten ops that launch a kernel: views and allocations launch none, and an attention
+    call counts once (one fused kernel on a GPU or CPU; the meta device runs it as its math decomposition)."""
+
+    FREE = {"_unsafe_view", "detach", "empty", "new_empty", "empty_like", "empty_strided", "lift_fresh",
+            "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.fused = 0  # > 0 inside an attention call
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.fused and not func.is_view and func.overloadpacket.__name__ not in self.FREE:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        counter = self
+
+        class Attention(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is not torch.nn.functional.scaled_dot_product_attention:
+                    return func(*args, **(kwargs or {}))
+                counter.ops["scaled_dot_product_attention"] += 1
+                counter.fused += 1
+                try:
+                    return func(*args, **(kwargs or {}))
+                finally:
+                    counter.fused -= 1
+
+        self._attention = Attention()
+        self._attention.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._attention.__exit__(*exc)
+
+
+def count_step(name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((base, MIVA) FLOPs, (base, MIVA) kernels) of one denoiser step, on the meta device."""
+    flops, kernels = [], []
     for miva in (False, True):
         unet, sample, embeds = build(name, "meta", torch.float32, miva)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            step(unet, sample, embeds)
-        totals.append(counter.get_total_flops())
-    return totals[0], totals[1]
+        with torch.no_grad(), as_sampled(unet):
+            with FlopCounterMode(display=False) as counter:
+                step(unet, sample, embeds)
+            with KernelCount() as launched:
+                step(unet, sample, embeds)
+        flops.append(counter.get_total_flops())
+        kernels.append(sum(launched.ops.values()))
+    return (flops[0], flops[1]), (kernels[0], kernels[1])
 
 
 def sync(device):
@@ -113,7 +176,9 @@ def sync(device):
 def time_steps(models, device, repeats, warmup=2) -> list[float]:
     """Median seconds per UNet step of each (unet, sample, embeds), interleaved."""
     times = [[] for _ in models]
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for unet, _, _ in models:
+            stack.enter_context(as_sampled(unet))
         for r in range(warmup + repeats):
             for i, (unet, sample, embeds) in enumerate(models):
                 sync(device)
@@ -168,17 +233,18 @@ def peak_memory(name, device, dtype, miva) -> int:
         unet, sample, embeds = build(name, device, dtype, miva)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
+        with torch.no_grad(), as_sampled(unet):
             step(unet, sample, embeds)
         peak = torch.cuda.max_memory_allocated()
         del unet
         torch.cuda.empty_cache()
         return peak
     code = (f"import gc, sys, torch; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-            f"import overhead as o; u, s, e = o.build({name!r}, 'cpu', torch.float32, {miva}); gc.collect();"
+            f"import overhead as o; u, s, e = o.build({name!r}, 'cpu', torch.float32, {miva}); torch.no_grad().__enter__();"
+            "o.as_sampled(u).__enter__(); gc.collect();"
             "kb = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
             "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS');"  # reset the peak (VmHWM)
-            "torch.no_grad().__enter__(); o.step(u, s, e); print(kb('VmHWM') - before)")
+            "o.step(u, s, e); print(kb('VmHWM') - before)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1]) * 1024
 
@@ -190,17 +256,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sampling-steps", type=int, default=10)
     parser.add_argument("--sampling-repeats", type=int, default=3)
-    parser.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device and stop")
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs and kernels on the meta device and stop")
     args = parser.parse_args()
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
 
-    base_flops, miva_flops = count_flops(args.config)
-    flop_ratio = miva_flops / base_flops
+    (base_flops, miva_flops), (base_kernels, miva_kernels) = count_step(args.config)
+    flop_ratio, kernel_ratio = miva_flops / base_flops, miva_kernels / base_kernels
+    counts = (f"denoiser step FLOPs: base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T; "
+              f"kernels launched: base {base_kernels}, +MIVA {miva_kernels}")
     if args.flops_only:
-        print(f"config {args.config}: denoiser step FLOPs base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
-        print(f"flop_ratio {flop_ratio:.3f}")
+        print(f"config {args.config}: {counts}")
+        print(f"flop_ratio {flop_ratio:.3f} kernel_ratio {kernel_ratio:.3f}")
         return
     base = build(args.config, device, dtype, miva=False)
     miva = (copy.deepcopy(base[0]), base[1], base[2])
@@ -208,7 +276,7 @@ def main() -> None:
     f, h, w = base[1].shape[2:]
     machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"config {args.config}: latents {f}x{h}x{w}, {dtype}, {machine}")
-    print(f"denoiser step FLOPs: base {base_flops / 1e12:.3f} T, +MIVA {miva_flops / 1e12:.3f} T")
+    print(counts)
 
     step_base, step_miva = time_steps([base, miva], device, args.repeats)
     print(f"denoiser step time: base {step_base * 1e3:.1f} ms, +MIVA {step_miva * 1e3:.1f} ms "
@@ -223,7 +291,7 @@ def main() -> None:
     kind = "CUDA allocator peak, weights included" if device.startswith("cuda") else "peak RSS rise during one step"
     print(f"memory ({kind}): base {mem_base / 2**20:.0f} MiB, +MIVA {mem_miva / 2**20:.0f} MiB, "
           f"ratio {mem_miva / mem_base:.3f}")
-    print(f"overhead_ratio {step_miva / step_base:.3f} flop_ratio {flop_ratio:.3f}")
+    print(f"overhead_ratio {step_miva / step_base:.3f} flop_ratio {flop_ratio:.3f} kernel_ratio {kernel_ratio:.3f}")
 
 
 if __name__ == "__main__":

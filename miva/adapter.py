@@ -88,6 +88,7 @@ class MivaAdapters:
         self.base = base
         self.context = MivaContext()
         self._weights_applied = False  # the LoRA scales may be skipped only after they were set once
+        self._merged: frozenset = frozenset()  # adapters whose temporal LoRA is folded into the base (merged_lora)
         self.configs: dict[str, MivaConfig] = {}
         self.trainable: str | None = None
         self._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
@@ -146,9 +147,45 @@ class MivaAdapters:
             before["weights"] = {n: w for n, w in before["weights"].items() if n in self.configs}
             self._apply(**before)
 
+    @contextlib.contextmanager
+    def merged_lora(self):
+        """Fold the active adapters' temporal LoRA, at their current weights, into the base projections
+        for the passes inside the block (one matmul per projection instead of three and an add); the
+        base weights come back bit for bit on exit (the original tensors are put back, not re-derived).
+
+        Only for passes that all share these weights, unconfined, with no mask clip in the batch (the
+        sampler's plain case); yields whether anything was merged.
+        """
+        active = [n for n, w in self.context.weights.items() if w != 0 and self.configs[n].temporal_lora_rank]
+        if not active or any(n in self.context.regions for n in active) or self.context.streams != (None,):
+            yield False
+            return
+        merged = []
+        try:
+            with torch.no_grad():
+                for layer in self._lora_layers():
+                    names = [n for n in active if n in layer.lora_A]
+                    if names:
+                        weight = layer.get_base_layer().weight
+                        original = weight.data
+                        weight.data = original + sum(layer.get_delta_weight(n) for n in names).to(original.dtype)
+                        layer.merged_adapters.extend(names)  # PEFT's forward then runs the base layer alone
+                        merged.append((layer, weight, original))
+            self._merged = frozenset(active)
+            yield True
+        finally:
+            for layer, weight, original in merged:
+                weight.data = original
+                layer.merged_adapters.clear()
+            self._merged = frozenset()
+
     def _apply(self, weights=None, regions=None, exclusive=None, streams=None, subjects=None) -> None:
         """The one writer of the per-call state; fields left None keep their value."""
         changes = {}
+        if self._merged and ((weights is not None and weights != self.context.weights)
+                             or (streams is not None and tuple(streams) != (None,))
+                             or (regions is not None and any(n in regions for n in self._merged))):
+            raise RuntimeError("the temporal LoRA is merged for these weights; leave merged_lora() before changing them.")
         if weights is not None:
             for name in weights:
                 if name not in self.configs:

@@ -258,8 +258,11 @@ class MivaPipeline:
         streams = (MaskStreams.start(self, masked, fitted, first, num_frames, scheduler, generator, num_inference_steps,
                                      mask_steps, mask_tolerance, init) if masked else None)
         manager = adapters_of(base.unet)
-        with manager.call() if manager is not None else contextlib.nullcontext() as call:
+        with contextlib.ExitStack() as stack:
+            call = stack.enter_context(manager.call(weights=adapters)) if manager is not None else None
             regions = self._confine(call, adapters, fitted, masked, latents, streams, exclusive=not composite)
+            if call is not None and streams is None and guidance_scale == 1:  # every pass alike: fold the LoRA in
+                stack.enter_context(manager.merged_lora())
             owners = composite_owners(base, masked, fitted, latents) if composite else None  # renewed with the masks
             for i, t in enumerate(scheduler.timesteps):
                 latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step

@@ -16,6 +16,8 @@ diffusers' call chain, so it lives in one `MivaContext` (`miva.context`) that th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -134,18 +136,25 @@ def _attend(attn, query, key, value, attention_mask=None, bias=None) -> torch.Te
     return attn.to_out[1](attn.to_out[0](rearrange(out, "b h n d -> b n (h d)")))
 
 
-def _reference_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(b f, h, n, d) -> (b, f, h, 2n, d): for frame i, the tokens of frame 1 then of frame i-1.
+@functools.lru_cache(maxsize=64)
+def _frame_index(num_frames: int, device: torch.device) -> torch.Tensor:
+    """[0, 0, 0, 0, 0, 1, ..., 0, f-2]: for each frame i, frame 1 and frame i-1 (frame 1 is its own predecessor)."""
+    return torch.tensor([[0, max(i - 1, 0)] for i in range(num_frames)], device=device).flatten()
 
-    Frame 1 is its own predecessor. Written into one buffer: a single copy of the keys/values.
+
+def _reference_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(b f, n, h, d) heads -> (b, f, 2, n, h, d): for frame i, the tokens of frame 1, then of frame i-1.
+
+    One gather (a single copy, no per-step index upload): the CFA's keys and values in one buffer.
     """
-    x = rearrange(x, "(b f) h n d -> b f h n d", f=num_frames)
-    n = x.shape[3]
-    out = x.new_empty(x.shape[:3] + (2 * n, x.shape[4]))
-    out[:, :, :, :n] = x[:, :1]
-    out[:, 1:, :, n:] = x[:, :-1]
-    out[:, :1, :, n:] = x[:, :1]
-    return out
+    x = x.reshape(-1, num_frames, *x.shape[1:])
+    out = x.index_select(1, _frame_index(num_frames, x.device))  # (b, 2f, n, h, d)
+    return out.view(x.shape[0], num_frames, 2, *x.shape[2:])
+
+
+def _cfa_heads(ref: torch.Tensor) -> torch.Tensor:
+    """(b, f, 2, n, h, d) -> (b f, h, 2n, d): one attention's keys or values over frame 1 and frame i-1."""
+    return ref.flatten(2, 3).flatten(0, 1).transpose(1, 2)
 
 
 class _MivaProcessor(nn.Module):
@@ -164,11 +173,9 @@ class _MivaProcessor(nn.Module):
 
 def _cfa(adapter, cfa_query, cfa_key, ref_value, clip_temb, bias=None) -> torch.Tensor:
     """One adapter's CFA output (b f, n, c) from its (b f, h, n, d) queries, the (b f, h, 2n, d) keys of
-    frame 1 and frame i-1 and their (b, f, h, 2n, d) values, which φ(c_t) scales by (λ2, λ3) (eq. 2)."""
-    n = ref_value.shape[3] // 2
+    frame 1 and frame i-1 and their (b, f, 2, n, h, d) values, which φ(c_t) scales by (λ2, λ3) (eq. 2)."""
     lam = adapter.frame_weights(clip_temb).to(ref_value.dtype)  # (b, 2): λ2, λ3
-    scale = torch.repeat_interleave(lam, n, dim=1)[:, None, None, :, None]  # (b, 1, 1, 2n, 1)
-    cfa_value = rearrange(ref_value * scale, "b f h n d -> (b f) h n d")
+    cfa_value = _cfa_heads(ref_value * lam.view(-1, 1, 2, 1, 1, 1))
     cfa = F.scaled_dot_product_attention(cfa_query, cfa_key, cfa_value, attn_mask=bias)
     return adapter.to_out(rearrange(cfa, "b h n d -> b n (h d)"))
 
@@ -204,21 +211,22 @@ class CrossFrameAttnProcessor(_MivaProcessor):
 
         # The stock self-attention, computing K and V once for both it and the CFA.
         query = attn.to_q(hidden_states)  # (S bf, n, c) for S streams
-        key = _split_heads(attn.to_k(hidden_states), attn.heads)  # (S bf, h, n, d)
-        value = _split_heads(attn.to_v(hidden_states), attn.heads)
-        n, streams = key.shape[2], context.streams
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))  # (S bf, n, h, d)
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        n, streams = key.shape[1], context.streams
         rows = key.shape[0] // len(streams)
+        heads = [_split_heads(query, attn.heads), key.transpose(1, 2), value.transpose(1, 2)]  # (S bf, h, n, d)
         self_bias = context.self_bias(n, query.dtype)
         if self_bias is None:
-            out = _attend(attn, _split_heads(query, attn.heads), key, value, attention_mask)
+            out = _attend(attn, *heads, attention_mask)
         else:  # only the video stream's self-attention is biased by the subject masks (eq. 3 / S6)
-            split = [x.split(rows) for x in (_split_heads(query, attn.heads), key, value)]
+            split = [x.split(rows) for x in heads]
             out = torch.cat([_attend(attn, q, k, v, attention_mask, bias=self_bias if s == 0 else None)
                              for s, (q, k, v) in enumerate(zip(*split))])
 
         # CFA (eq. 2): one softmax over the 2n tokens of frame 1 and frame i-1; values x (λ2, λ3).
-        cfa_key = rearrange(_reference_frames(key, num_frames), "b f h n d -> (b f) h n d")
-        ref_value = _reference_frames(value, num_frames)  # (S b, f, h, 2n, d)
+        cfa_key = _cfa_heads(_reference_frames(key, num_frames))  # (S bf, h, 2n, d)
+        ref_value = _reference_frames(value, num_frames)  # (S b, f, 2, n, h, d)
         pieces = list(out.split(rows))
         for s, stream in enumerate(streams):
             part = slice(s * rows, (s + 1) * rows)
@@ -336,14 +344,15 @@ class WanCrossFrameAttnProcessor(CrossFrameAttnProcessor):
         query = attn.to_q(hidden_states)  # (b, f n, c)
         key = _wan_heads(attn, attn.to_k(hidden_states), attn.norm_k, rotary_emb)  # (b, f n, h, d)
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        out = _wan_attend(attn, self.stock, _wan_heads(attn, query, attn.norm_q, rotary_emb), key, value, attention_mask)
+        # the stock and every CFA query normalised and rotated together: one norm and one rotation per layer
+        queries = [query] + [adapter.query(hidden_states, query) for _, adapter, _ in active]
+        query, *cfa_queries = _wan_heads(attn, torch.cat(queries), attn.norm_q, rotary_emb).chunk(len(queries))
+        out = _wan_attend(attn, self.stock, query, key, value, attention_mask)
 
         per_frame = "b (f n) h d -> (b f) h n d"
-        cfa_key = rearrange(_reference_frames(rearrange(key, per_frame, f=num_frames), num_frames),
-                            "b f h n d -> (b f) h n d")
-        ref_value = _reference_frames(rearrange(value, per_frame, f=num_frames), num_frames)
-        for name, adapter, weight in active:
-            cfa_query = _wan_heads(attn, adapter.query(hidden_states, query), attn.norm_q, rotary_emb)
+        cfa_key = _cfa_heads(_reference_frames(key.unflatten(1, (num_frames, -1)).flatten(0, 1), num_frames))
+        ref_value = _reference_frames(value.unflatten(1, (num_frames, -1)).flatten(0, 1), num_frames)
+        for (name, adapter, weight), cfa_query in zip(active, cfa_queries):
             cfa = _cfa(adapter, rearrange(cfa_query, per_frame, f=num_frames), cfa_key, ref_value, clip_temb)
             cfa = self.context.weighted(name, weight, cfa)  # (b f, n, c): per latent frame
             out = out + rearrange(cfa, "(b f) n c -> b (f n) c", f=num_frames)

@@ -87,6 +87,36 @@ def test_weights_scale_each_adapter_contribution(tiny_base):
     assert torch.allclose(outs[0.5] - outs[0.0], 0.5 * (outs[1.0] - outs[0.0]), atol=1e-5)
 
 
+def test_merged_lora_gives_the_unmerged_output_and_restores_the_base_bit_for_bit(tiny_base):
+    manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "a")
+    randomize(manager.parameters("a"))
+    attach(tiny_base.unet, MivaConfig(base="tiny"), "b")
+    randomize(manager.parameters("b"), seed=2)
+    before = {n: p.detach().clone() for n, p in tiny_base.unet.named_parameters()}
+    with manager.call(weights={"a": 0.7, "b": 0.4}):
+        unmerged = forward(tiny_base)
+        with manager.merged_lora() as merged:
+            assert merged
+            folded = forward(tiny_base)
+    assert torch.allclose(folded, unmerged, atol=1e-5)
+    assert (folded - unmerged).abs().max() > 0  # the folded path really ran (one matmul, other rounding)
+    after = dict(tiny_base.unet.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in before.items())
+    with manager.call(weights={"a": 0.7, "b": 0.4}):
+        assert torch.equal(forward(tiny_base), unmerged)
+
+
+def test_merged_lora_refuses_changes_and_is_skipped_where_passes_differ(tiny_base):
+    manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "a")
+    randomize(manager.parameters("a"))
+    with manager.call(weights={"a": 1.0}) as call, manager.merged_lora():
+        with pytest.raises(RuntimeError, match="leave merged_lora"):
+            call.set(weights={"a": 0.5})
+    region = torch.ones(1, 4, 8, 8)
+    with manager.call(weights={"a": 1.0}, regions={"a": region}), manager.merged_lora() as merged:
+        assert not merged  # a confined adapter's LoRA is weighted per token: nothing to fold
+
+
 @pytest.mark.parametrize("weight", [-0.1, 2.5, math.nan, math.inf, "heavy"])
 def test_bad_weights_are_refused(tiny_base, weight):
     manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "a")

@@ -149,7 +149,8 @@ def test_pipeline_masks(pipe, first_frame):
     kwargs = dict(num_frames=4, num_inference_steps=2, seed=0)
     plain = pipe(first_frame, adapters={"a": 1.0}, **kwargs)
     full = pipe(first_frame, adapters={"a": 1.0}, masks={"a": np.full((32, 32), 255, np.uint8)}, **kwargs)
-    np.testing.assert_array_equal(plain.frames, full.frames)  # a full mask is no mask
+    # a full mask is no mask (to rounding: unconfined, the sampler runs the LoRA folded into the base)
+    assert np.abs(plain.frames.astype(int) - full.frames).max() <= 1
     out = pipe(first_frame, adapters={"a": 1.0, "b": 0.5}, masks={"a": left_half()}, **kwargs)
     assert out.regions.shape == (4, 32, 32)
     assert set(out.regions.unique().tolist()) == {0, 1}  # "a" on the left, unmasked "b" on the background

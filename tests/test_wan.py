@@ -74,8 +74,8 @@ def test_cfa_reads_latent_frame_zero_and_the_previous_latent_frame():
     """For latent frame i the CFA's keys are those of latent frame 0 (the first frame) and of frame i-1."""
     from miva.processors import _reference_frames
 
-    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 1)  # (b f, h, n, d): 4 frames, value = index
-    ref = _reference_frames(x, 4)[0, :, 0, :, 0]  # (f, 2n)
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 1, 1)  # (b f, n, h, d): 4 frames, value = index
+    ref = _reference_frames(x, 4)[0, :, :, :, 0, 0].flatten(1)  # (f, 2n)
     assert ref.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 2, 2]]
 
 
