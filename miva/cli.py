@@ -120,6 +120,17 @@ def _training_clips(args, frames: int, size: tuple[int, int]):
     raise ValueError("give --clips DIR (videos of the motion) or --stills DIR with --camera MOTION.")
 
 
+def launched_accelerator():
+    """The `accelerate.Accelerator` of a run started by `accelerate launch` on several processes, else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
 def cmd_train(args) -> int:
     from .loop import format_eta
     from .train import train_adapter
@@ -127,13 +138,18 @@ def cmd_train(args) -> int:
     if args.mask_loss_weight != 1 and not (args.masked or args.mask_text):  # in flags, before loading (train_adapter refuses it too)
         raise ValueError("--mask-loss-weight weighs an M-MIVA's mask clips; add --masked (or --mask-text), or leave it out.")
     init = resolve_adapter(args.init) if args.init else None  # before the base is loaded
+    accelerator = launched_accelerator()
+    if accelerator is not None:
+        args.device = args.device or str(accelerator.device)
     pipe = load_pipeline(args)
     with warnings.catch_warnings():  # skipped files are printed below, once each
         warnings.simplefilter("ignore", UserWarning)
         clipset, motion = _training_clips(args, args.frames or pipe.base.frames, (pipe.base.height, pipe.base.width))
     for warning in clipset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"training '{motion}' on {len(clipset.clips)} clips of {clipset.clips[0].shape[0]} frames ({args.base} base)")
+    if accelerator is None or accelerator.is_main_process:
+        print(f"training '{motion}' on {len(clipset.clips)} clips of {clipset.clips[0].shape[0]} frames ({args.base} base)"
+              + (f" on {accelerator.num_processes} processes" if accelerator is not None else ""))
 
     def progress(step, total, loss, eta):
         if step == 1 or step % max(1, total // 20) == 0 or step == total:
@@ -144,9 +160,10 @@ def cmd_train(args) -> int:
         seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, callback=progress,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         sources=clipset.names, augment=args.augment, masks=clipset.masks, mask_loss_weight=args.mask_loss_weight,
-        init=init,
+        init=init, accelerator=accelerator, accumulate=args.accumulate,
     )
-    print(f"wrote adapter {folder}")
+    if accelerator is None or accelerator.is_main_process:
+        print(f"wrote adapter {folder}")
     return 0
 
 
@@ -200,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--motion", default=None, help="motion described in the card (default: the name)")
     train.add_argument("--steps", type=int, default=500)
     train.add_argument("--lr", type=float, default=None, help="AdamW lr (default: 1e-5 real base, 1e-3 toy)")
-    train.add_argument("--batch", type=int, default=1)
+    train.add_argument("--batch", type=int, default=1,
+                       help="clips per step, split across `accelerate launch` processes and --accumulate")
+    train.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     train.add_argument("--augment", type=int, default=1, help="colour variants per clip, 1-6 (1: none)")
     train.add_argument("--masked", action="store_true",
                        help="train an M-MIVA: each clip NAME.mp4 needs its subject masks beside it (NAME.mask.mp4 or NAME.mask/)")

@@ -5,6 +5,13 @@ and the toy base (every UNet parameter learns). Every random draw of step s come
 (seed, s), and the data of step s is a function of s, so a run resumed from its last checkpoint
 continues exactly as if it had never stopped: checkpoints hold the step, the parameters, the
 optimiser state and the loss history (safetensors + JSON, nothing pickled).
+
+The same draws make data parallelism exact: under `accelerate launch` every process draws step s's
+whole batch (clips, timesteps, noise), keeps its own equal part of the rows, and the parameters'
+gradients are averaged across processes, so n processes (and `accumulate` micro-batches each) take
+the step one process takes on the whole batch. Only the adapter learns, inside a frozen denoiser
+that `Base` calls directly, so the gradients are averaged with accelerate's `reduce` rather than by
+wrapping the denoiser in DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -30,6 +37,21 @@ if TYPE_CHECKING:
 CHECKPOINT_DIR = "checkpoint"
 
 
+Part = tuple[int, int]  # (k, n): the k-th of n equal parts of a step's batch
+
+
+def part_rows(batch: int, part: Part | None) -> torch.Tensor:
+    """The rows of a `batch`-row step that part (k, n) trains on (all of them for None)."""
+    if part is None:
+        return torch.arange(batch)
+    k, n = part
+    if batch % n:
+        raise ValueError(f"a batch of {batch} clips does not split into {n} equal parts (processes x accumulation "
+                         f"steps); use a batch that is a multiple of {n}.")
+    size = batch // n
+    return torch.arange(k * size, (k + 1) * size)
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of training step `step`: independent of how the run was split into sessions."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
@@ -37,18 +59,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def diffusion_loss(base: Base, latents: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None,
                    before_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-                   prompt_embeds: torch.Tensor | None = None, clip_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   prompt_embeds: torch.Tensor | None = None, clip_weights: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss on (b, c, f, h, w) clean latents; frame 0 stays clean and is not in the loss.
 
     The target follows the base's schedule (ε, v or the clean sample; the flow for flow matching); plain MSE.
     `before_forward(noisy, timesteps, first)` runs after noising, before the denoiser (M-MIVA sets its masks there).
     `prompt_embeds` (1 or b, tokens, d) defaults to the empty prompt, which is what MIVAs train on.
     `clip_weights` (b,) weighs each clip's loss (None: all 1); the result is their weighted mean.
+    `rows` keeps only those clips, after the whole batch's noise and timesteps are drawn (`part_rows`).
     """
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     if timesteps is None:
         timesteps = base.sample_timesteps(b, generator)
+    if rows is not None:
+        latents, noise, timesteps = latents[rows.to(latents.device)], noise[rows.to(latents.device)], timesteps[rows]
+        clip_weights = None if clip_weights is None else clip_weights[rows]
     timesteps = timesteps.to(latents.device)
     noisy = base.add_noise(latents, noise, timesteps)
     first = latents[:, :, 0]
@@ -148,7 +175,7 @@ ProgressCallback = Callable[[int, int, float, float], None]  # (step, total, los
 
 def run_training(
     params: dict[str, torch.nn.Parameter],
-    loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     steps: int,
     folder: Path,
     seed: int = 0,
@@ -162,12 +189,22 @@ def run_training(
     callback: ProgressCallback | None = None,
     ema: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    accelerator=None,
+    accumulate: int = 1,
 ) -> TrainState:
     """AdamW on `params` for `steps` steps of `loss_fn(step, generator)`, checkpointing to folder/checkpoint.
 
     `ema` keeps an exponential moving average of the parameters (saved with the checkpoint and
     returned in state.meta['ema'] as tensors' names); `should_stop` lets a UI stop between steps.
+    With an `accelerate.Accelerator` of n processes or `accumulate` > 1, each step's batch is split
+    into n x accumulate parts and `loss_fn(step, generator, part)` is the mean loss of `part` (see
+    the module's docstring); the main process alone writes checkpoints.
     """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1, not {accumulate}.")
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+    parts = world * accumulate
+    main = rank == 0
     folder = Path(folder)
     ckpt = folder / CHECKPOINT_DIR
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
@@ -187,8 +224,29 @@ def run_training(
         return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
     def checkpoint() -> None:
-        extra = {f"ema.{k}": v for k, v in averages.items()}
-        save_checkpoint(ckpt, state, params, optimizer, extra)
+        if main:
+            extra = {f"ema.{k}": v for k, v in averages.items()}
+            save_checkpoint(ckpt, state, params, optimizer, extra)
+        if world > 1:
+            accelerator.wait_for_everyone()
+
+    def backward() -> torch.Tensor:
+        """Step `state.step`'s gradients on this process's parts; returns the step's mean loss."""
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros(())
+        for k in range(accumulate):
+            generator = step_generator(seed, state.step)  # the same whole-batch draws for every part
+            loss = loss_fn(state.step, generator) if parts == 1 else loss_fn(state.step, generator,
+                                                                              (rank * accumulate + k, parts))
+            (loss / accumulate).backward()
+            total += loss.detach().float().cpu() / accumulate
+        if world > 1:
+            grads = [p.grad for p in params.values() if p.grad is not None]
+            flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+            for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(mean.view_as(g))
+            total = accelerator.reduce(total.to(accelerator.device), reduction="mean").cpu()
+        return total
 
     start = time.perf_counter()
     first_step = state.step
@@ -200,9 +258,7 @@ def run_training(
             break
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(state.step)
-        loss = loss_fn(state.step, step_generator(seed, state.step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward()
         torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
         optimizer.step()
         if ema:
@@ -210,11 +266,11 @@ def run_training(
                 for k, p in params.items():
                     averages[k].lerp_(p.detach(), 1 - ema)
         state.step += 1
-        value = float(loss.detach())
+        value = float(loss)
         state.losses.append(value)
         elapsed = time.perf_counter() - start
         eta = elapsed / (state.step - first_step) * (steps - state.step)
-        if callback is not None:
+        if callback is not None and main:
             callback(state.step, steps, value, eta)
         if state.step % checkpoint_every == 0 or state.step == steps:
             state.seconds += time.perf_counter() - start

@@ -18,7 +18,7 @@ from . import schedules
 from .adapter import attach, check_adapter_name, detach, read_adapter, save_adapter
 from .config import WEIGHTS_NAME, MivaConfig
 from .mask_streams import decode_masks
-from .loop import CHECKPOINT_DIR, ProgressCallback, diffusion_loss, plot_losses, run_training
+from .loop import CHECKPOINT_DIR, Part, ProgressCallback, diffusion_loss, part_rows, plot_losses, run_training
 
 DEFAULT_LR = {"animatediff-v3": 1e-5, "wan2.1-1.3b": 1e-5}  # the paper's Adam lr for the real bases; others: FALLBACK_LR
 FALLBACK_LR = 1e-3
@@ -58,12 +58,17 @@ class MaskTraining:
         grid = self.latents.shape[-2:]
         self.truth = masks_lib.to_latent_grid(torch.from_numpy(np.stack(masks)).float(), *grid).to(self.latents)
 
-    def loss(self, latents: torch.Tensor, index: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
-        base, b = self.pipe.base, len(index)
+    def loss(self, latents: torch.Tensor, index: torch.Tensor, generator: torch.Generator, step: int,
+             part: Part | None = None) -> torch.Tensor:
+        """The loss of the step's clips `index` ((b, c, f, h, w) `latents`), or of their `part` (a row
+        block of the video clips with their own mask clips), after the whole batch's draws."""
+        base, full = self.pipe.base, len(index)
+        rows = part_rows(full, part)
+        b = len(rows)  # the clips this part trains on
         index = index // self.augment  # colour variant k of clip i is row i * augment + k; masks are per clip
-        truth = self.truth[index.to(self.truth.device)]
+        truth = self.truth[index[rows].to(self.truth.device)]
         use_truth = float(torch.rand((), generator=generator)) < schedules.mask_dropout_probability(step, self.steps)
-        timesteps = base.sample_timesteps(b, generator).repeat(2)
+        timesteps = base.sample_timesteps(full, generator).repeat(2)
         streams = (None, self.name)  # the batch: the video clips, then their mask clips
 
         def set_masks(noisy, t, first):
@@ -81,8 +86,9 @@ class MaskTraining:
 
         try:
             both = torch.cat([latents, self.latents[index.to(self.latents.device)]])
-            weights = torch.tensor([1.0] * b + [self.mask_loss_weight] * b)
-            return diffusion_loss(base, both, generator, timesteps=timesteps, before_forward=set_masks, clip_weights=weights)
+            weights = torch.tensor([1.0] * full + [self.mask_loss_weight] * full)
+            return diffusion_loss(base, both, generator, timesteps=timesteps, before_forward=set_masks, clip_weights=weights,
+                                  rows=torch.cat([rows, rows + full]))
         finally:
             self.call.set(subjects={}, streams=(None,))
 
@@ -136,6 +142,8 @@ def train_adapter(
     masks: list[np.ndarray] | None = None,
     mask_loss_weight: float = 1.0,
     init: str | Path | None = None,
+    accelerator=None,
+    accumulate: int = 1,
 ) -> Path | None:
     """Teach `pipe`'s base a motion from `clips`; write the adapter (card, preview GIF, loss curve) to `out`.
 
@@ -143,7 +151,10 @@ def train_adapter(
     taught from a few clips is not tied to their colours. `masks` (one (F, H, W) subject mask
     sequence in [0, 1] per clip) trains an M-MIVA (§3.4) instead of a MIVA, its mask clips' loss
     weighted by `mask_loss_weight` (see `MaskTraining`). `init` (an adapter folder) starts from that
-    adapter's weights instead of the zero-initialised ones (`start_from`).
+    adapter's weights instead of the zero-initialised ones (`start_from`). With an `accelerator`
+    (under `accelerate launch`) and/or `accumulate` > 1 micro-batches, each step's `batch` is split
+    across processes and micro-batches and the step is the one a single process takes on all of it
+    (`miva.loop`); the main process writes the adapter.
 
     Returns the adapter folder, or None when `should_stop` ended the run early (its checkpoint stays,
     so `resume=True` continues it).
@@ -199,12 +210,13 @@ def train_adapter(
             if config.masked:
                 mask_training = MaskTraining(pipe, call, name, masks, steps, augment, mask_loss_weight)
 
-            def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+            def loss_fn(step: int, generator: torch.Generator, part: Part | None = None) -> torch.Tensor:
                 index = torch.randint(0, len(latents), (batch,), generator=generator)
                 with autocast:
                     if mask_training is not None:
-                        return mask_training.loss(latents[index.to(latents.device)], index, generator, step)
-                    return diffusion_loss(base, latents[index.to(latents.device)], generator)
+                        return mask_training.loss(latents[index.to(latents.device)], index, generator, step, part)
+                    return diffusion_loss(base, latents[index.to(latents.device)], generator,
+                                          rows=None if part is None else part_rows(batch, part))
 
             base.unet.train()
             state = run_training(
@@ -215,13 +227,16 @@ def train_adapter(
                       **({"masked": True, "steps": steps} if config.masked else {}),
                       **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {}),
                       **started},
-                callback=callback, should_stop=should_stop,
+                callback=callback, should_stop=should_stop, accelerator=accelerator, accumulate=accumulate,
             )
             base.unet.eval()
             if gradient_checkpointing:
                 base.unet.disable_gradient_checkpointing()
             if state.step < steps:
                 return None
+            if accelerator is not None and not accelerator.is_main_process:
+                accelerator.wait_for_everyone()  # the main process writes the adapter
+                return out
             config.training["seconds"] = round(state.seconds, 1)
             config.training["final_loss"] = round(float(np.mean(state.losses[-20:])), 5)
             out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +244,8 @@ def train_adapter(
             save_preview(pipe, name, clips[0][0], out, frames, preview_steps, seed, masks[0][0] if config.masked else None)
             save_adapter(base.unet, name, out)
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
             return out
     finally:
         base.unet.eval()

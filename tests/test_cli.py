@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from miva.adapter import attach, save_adapter
@@ -124,3 +125,38 @@ def test_animate_mixes_m_mivas_composited_or_in_one_pass(tmp_path, image, tiny_b
     assert main([*common, "--mix", "attention"]) == 0 and len(passes) == 2  # one shared pass
     with pytest.raises(SystemExit):
         main([*common, "--mix", "blend"])
+
+
+def test_two_processes_under_accelerate_train_the_adapter_one_process_does(tmp_path):
+    """Data parallel on accelerate (gloo on the CPU): 2 processes x 1 clip, 1 process x 2 clips and
+    1 process x 2 micro-batches take the same steps, to float rounding (thread counts differ)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from miva.media import save_video
+    from miva.toy.world import WorldConfig, make_clip
+
+    clips = tmp_path / "clips"
+    for seed in range(2):
+        save_video(make_clip("move-left", seed, WorldConfig(size=32, frames=4)).frames, clips / f"c{seed}.mp4")
+    args = ["train", "--base", "tiny", "--clips", str(clips), "--frames", "4", "--steps", "3", "--batch", "2",
+            "--checkpoint-every", "2", "--lr", "1e-3"]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root)}
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "--main_process_port", "29517", "-m", "miva", *args, "--out", str(tmp_path / "two" / "s")],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert "on 2 processes" in launched.stdout and launched.stdout.count("wrote adapter") == 1
+    assert main([*args, "--out", str(tmp_path / "one" / "s")]) == 0
+    assert main([*args, "--accumulate", "2", "--out", str(tmp_path / "acc" / "s")]) == 0
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "other" / "s")]) == 0
+    one, two, acc, other = (load_file(tmp_path / d / "s" / "adapter_model.safetensors") for d in ("one", "two", "acc", "other"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) and torch.allclose(one[k], acc[k], atol=1e-4) for k in one)
+    assert max((one[k] - other[k]).abs().max() for k in one) > 1e-2  # another run's steps are far from these
+    assert main([*args, "--batch", "3", "--accumulate", "2", "--out", str(tmp_path / "odd" / "s")]) == 2

@@ -4,12 +4,13 @@ mask-step caching (B.1.3), mask-dropout training (B.1.2) and the exact extra par
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from miva import masks as masks_lib
 from miva.adapter import adapters_of, attach, load_adapter
 from miva.backends import load_base, meta_unet
 from miva.cli import main
-from miva.config import MivaConfig
+from miva.config import WEIGHTS_NAME, MivaConfig
 from miva.mask_streams import composite_owners
 from miva.train import train_adapter
 
@@ -138,6 +139,17 @@ def test_mmiva_training_writes_an_adapter_that_samples(pipe, tmp_path, subject):
     with pytest.raises(ValueError, match=r"weighs an M-MIVA's mask clips; give masks, or leave it at 1"):
         train_adapter(pipe, clips, tmp_path / "x", "spin", steps=2, mask_loss_weight=0.1)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_m_miva_step_split_in_micro_batches_is_the_whole_batchs_step(pipe, tmp_path, subject):
+    """Each part keeps its clips' own mask clips and the whole batch's draws (ground truth or predicted masks)."""
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    masks = [np.repeat(np.roll(subject, 4 * i, axis=1)[None], 4, 0) for i in range(2)]
+    run = dict(steps=3, checkpoint_every=3, preview_steps=1, lr=1e-3, batch=2, masks=masks)
+    whole, parts = (load_file(train_adapter(pipe, clips, tmp_path / d, "spin", accumulate=n, **run) / WEIGHTS_NAME)
+                    for d, n in (("whole", 1), ("parts", 2)))
+    assert all(torch.allclose(whole[k], parts[k], atol=1e-5) for k in whole)
 
 
 def test_clip_weights_make_a_weighted_mean_of_the_clips_losses(tiny_base):
