@@ -41,6 +41,13 @@ from miva.pipeline import MivaPipeline  # noqa: E402
 
 
 WAN = {"wan-full": (30, (5, 60, 104)), "wan-mid": (4, (5, 30, 52))}  # layers, latents of 17x480x832 / 17x240x416
+SMALL = "MIVA_BENCH_SMALL"  # set (by --small): the same models on the smallest latents, a smoke run of this script
+
+
+def small_latents(f: int, h: int, w: int) -> tuple[int, int, int]:
+    import os
+
+    return (min(f, 2), min(h, 8), min(w, 8)) if os.environ.get(SMALL) else (f, h, w)
 
 
 def configs(name: str) -> tuple[dict, dict, dict, tuple[int, int, int]]:
@@ -67,13 +74,14 @@ def build(name: str, device: str, dtype: torch.dtype, miva: bool):
     """(denoiser, sample, prompt embeds) with random weights; Wan configs keep the 1.3B's block widths
     (wan-mid: fewer of its identical blocks, so the per-block ratio is the full model's at that size)."""
     if name in WAN:
-        layers, (f, h, w) = WAN[name]
+        layers, (f, h, w) = WAN[name][0], small_latents(*WAN[name][1])
         config = json.loads((wan.CONFIGS / "wan2.1_t2v_1.3b_transformer.json").read_text())
         unet = wan.build_transformer({**config, "num_layers": layers}, device=device)
         sample = torch.randn(1, 16, f, h, w, device=device, dtype=dtype)
         embeds = torch.randn(1, wan.PROMPT_TOKENS, config["text_dim"], device=device, dtype=dtype)
     else:
-        unet_cfg, adapter_cfg, _, (f, h, w) = configs(name)
+        unet_cfg, adapter_cfg, _, shape = configs(name)
+        f, h, w = small_latents(*shape)
         unet = animatediff.build_unet(unet_cfg, adapter_cfg, device=device)  # random init where it runs
         sample = torch.randn(1, 4, f, h, w, device=device, dtype=dtype)
         embeds = torch.randn(f, 77, unet_cfg["cross_attention_dim"], device=device, dtype=dtype)
@@ -196,7 +204,7 @@ def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
     if name in WAN:
         from diffusers import AutoencoderKLWan
 
-        _, (f, h, w) = WAN[name]
+        f, h, w = small_latents(*WAN[name][1])
         vae = AutoencoderKLWan().to(device=device).eval()  # Wan2.1's VAE config; fp32 as in Wan's pipeline
         factor = vae.config.scale_factor_spatial
         for unet, _, embeds in models:
@@ -204,7 +212,8 @@ def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
                                                   null_prompt_embeds=embeds, height=h * factor, width=w * factor,
                                                   frames=(f - 1) * 4 + 1)))
     else:
-        _, _, vae_cfg, (f, h, w) = configs(name)
+        _, _, vae_cfg, shape = configs(name)
+        f, h, w = small_latents(*shape)
         from diffusers import AutoencoderKL
 
         with animatediff.quiet_diffusers():
@@ -256,8 +265,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sampling-steps", type=int, default=10)
     parser.add_argument("--sampling-repeats", type=int, default=3)
+    parser.add_argument("--small", action="store_true", help="the smallest latents: a quick smoke run of the script")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs and kernels on the meta device and stop")
     args = parser.parse_args()
+    if args.small:
+        import os
+
+        os.environ[SMALL] = "1"  # read by build() here and in the memory subprocesses
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
