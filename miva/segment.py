@@ -7,8 +7,8 @@ its inference-session API for a clip), loaded lazily on first use through `from_
 safetensors only and no remote code. `detector` / `segmenter` are Hub ids or local folders in the Hub
 layout; offline, a model that is neither a folder nor in the Hugging Face cache raises
 `SegmentationUnavailable`. `text_mask` is the one text -> mask call the CLI and the Studio share
-(one phrase on one image, with a process-wide segmenter made on first use). `save_mask` writes a mask as a PNG file (white = region), which
-`miva.masks.fit_mask` reads back.
+(one phrase on one image, with a process-wide segmenter made on first use). `save_mask` writes a
+mask as a PNG file (white = region), which `miva.masks.fit_mask` reads back.
 """
 
 from __future__ import annotations
