@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from miva.studio import MAX_MIX, Studio
+from miva.studio import MAX_MIX, USER_ERRORS, Studio
 
 GPU_JOB = "model"  # one concurrency group: one model job at a time, the rest queue
 EXAMPLES = Path(__file__).resolve().parent / "assets"
@@ -55,12 +55,22 @@ def frames_slider(base) -> gr.Slider:
     return gr.Slider(low, high, value=base.frames, step=base.frame_step, label="Frames")
 
 
-def build_studio(backend: str, collection: str | None = None) -> Studio:
-    from miva.pipeline import MivaPipeline
-
-    studio = Studio(MivaPipeline.from_base(backend), collection=collection)
-    studio.refresh_hub()
-    return studio
+def mix_from_rows(rows) -> tuple[list[dict], list[np.ndarray]]:
+    """The Mix tab's rows, (motion, weight, painted region, phrase) x MAX_MIX -> the `/mix` endpoint's
+    (mix, masks): one {"adapter", "weight", "mask" or "phrase"} per chosen motion, painted regions as masks."""
+    mix, masks = [], []
+    for i in range(0, len(rows), 4):
+        name, weight, editor, phrase = rows[i : i + 4]
+        if not name:
+            continue
+        entry, drawn = {"adapter": name, "weight": float(weight)}, drawn_region(editor)
+        if drawn is not None:
+            entry["mask"] = len(masks)
+            masks.append(drawn)
+        if (phrase or "").strip():
+            entry["phrase"] = phrase
+        mix.append(entry)
+    return mix, masks
 
 
 def serve(demo: gr.Blocks, **launch_kwargs):
@@ -79,31 +89,10 @@ def build_app(studio: Studio) -> gr.Blocks:
         return [(str(a.preview), a.label) for a in studio.catalogue() if a.preview]
 
     def run(fn, *args, **kwargs):
-        from miva.segment import SegmentationUnavailable
-
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError, ConnectionError, SegmentationUnavailable) as err:
+        except USER_ERRORS as err:
             raise gr.Error(str(err.args[0] if isinstance(err, KeyError) else err)) from None
-
-    def mix_rows(rows) -> tuple[dict[str, float], dict[str, object]]:
-        """(name, weight, drawn region, phrase) x MAX_MIX -> ({name: weight}, {name: region or phrase})."""
-        weights, regions = {}, {}
-        for i in range(0, len(rows), 4):
-            name, weight, editor, phrase = rows[i : i + 4]
-            if not name:
-                continue
-            if name in weights:
-                raise gr.Error(f"'{name}' is chosen twice; pick each motion once and set its weight.")
-            weights[name] = float(weight)
-            drawn, phrase = drawn_region(editor), (phrase or "").strip()
-            if drawn is not None and phrase:
-                raise gr.Error(f"motion {i // 4 + 1} has both a drawn region and a phrase; keep one of them.")
-            if drawn is not None or phrase:
-                regions[name] = drawn if drawn is not None else phrase
-        if not weights:
-            raise gr.Error("choose at least one motion to mix.")
-        return weights, regions
 
     def animate_seconds(image, adapter, frames, steps, seed, shared_noise, dct_init, adain, guidance, *_, **__):
         return studio.gpu_seconds(frames, steps, 1 if adapter else 0, guidance)
@@ -114,24 +103,28 @@ def build_app(studio: Studio) -> gr.Blocks:
         return str(run(studio.animate, image, {adapter: 1.0} if adapter else {}, frames, steps, seed, shared_noise,
                        dct_init, adain, guidance, lambda f, m: progress(f, desc=m)))
 
-    def mix_seconds(image, frames, steps, seed, *rows, **__):
+    def mix_seconds(image, mix, masks=None, frames=16, steps=25, seed=0, *_, **__):
         return studio.gpu_seconds(frames, steps, MAX_MIX, masked=MAX_MIX) + 30  # + masks from text
 
     @on_gpu(mix_seconds)
-    def mix(image, frames, steps, seed, *rows, progress=gr.Progress()):
-        weights, regions = mix_rows(rows)
-        return str(run(studio.animate, image, weights, frames, steps, seed, 0.05, None, True, 1.0,
-                       lambda f, m: progress(f, desc=m), regions=regions))
+    def mix(image, mix, masks=None, frames=16, steps=25, seed=0, progress=gr.Progress()):
+        """Animate a first frame with up to 4 motions mixed. `mix`: a JSON list of {"adapter": name,
+        "weight": 0-2, "phrase": text naming its region, or "mask": index into `masks`}; `masks`: mask
+        images at the first frame's size (white = region)."""
+        return str(run(studio.mix, image, mix, masks, frames, steps, seed, lambda f, m: progress(f, desc=m)))
 
-    def preview_regions(image, *rows):
-        weights, regions = mix_rows(rows)
-        return run(studio.preview_regions, image, weights, regions)
+    def preview_regions(image, mix, masks=None):
+        """The first frame with the regions of a mix (as `/mix` takes it) laid over it."""
+        return run(studio.preview_mix, image, mix, masks)
+
+    def mix_rows(image, frames, steps, seed, *rows, progress=gr.Progress()):
+        return mix(image, *mix_from_rows(rows), frames, steps, seed, progress=progress)
+
+    def preview_rows(image, *rows):
+        return preview_regions(image, *mix_from_rows(rows))
 
     def segment(image, text):
-        from miva.segment import save_mask
-
-        mask = run(studio.segment, image, text)
-        return str(save_mask(mask, studio.out_path("mask", ".png")))
+        return str(run(studio.segment_file, image, text))
 
     def train_seconds(files, motion, steps, *_, **__):
         return studio.train_seconds(min(int(steps), TRAIN_CHUNK or int(steps))) + 60
@@ -219,8 +212,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 # the painted regions sit on the first frame: a new first frame clears them
                 mix_image.change(lambda im: [{"background": im, "layers": [], "composite": im}] * MAX_MIX,
                                  mix_image, editors, queue=False, api_name=False)
-                preview_go.click(preview_regions, [mix_image, *rows], regions_view, api_name="preview_regions")
-                mix_go.click(mix, [mix_image, mix_frames, mix_steps, mix_seed, *rows], mix_video, api_name="mix",
+                # the rows are the page's; clients call /mix and /preview_regions with named values
+                preview_go.click(preview_rows, [mix_image, *rows], regions_view, api_name=False)
+                mix_go.click(mix_rows, [mix_image, mix_frames, mix_steps, mix_seed, *rows], mix_video, api_name=False,
                              concurrency_id=GPU_JOB, concurrency_limit=1)
             with gr.Tab("Train", id="train"):
                 with gr.Row():
@@ -269,6 +263,15 @@ def build_app(studio: Studio) -> gr.Blocks:
             list_button, catalogue = gr.Button(), gr.JSON()
             segment_image, segment_text, segment_mask = gr.Image(type="pil"), gr.Textbox(), gr.Image(type="filepath")
             segment_button = gr.Button()
+            api_image = gr.File(type="filepath", label="First frame (an image file)")  # read by the Studio: a corrupt file gets its sentence
+            api_mix = gr.JSON(label="Mix: [{adapter, weight, phrase or mask}]")
+            api_masks = gr.File(file_count="multiple", type="filepath", label="Mask images (white = region)")
+            api_frames = gr.Number(studio.pipe.base.frames, precision=0, label="Frames")
+            api_steps, api_seed = gr.Number(25, precision=0, label="Steps"), gr.Number(0, precision=0, label="Seed")
+            mix_button, preview_button = gr.Button(), gr.Button()
+        mix_button.click(mix, [api_image, api_mix, api_masks, api_frames, api_steps, api_seed], mix_video,
+                         api_name="mix", concurrency_id=GPU_JOB, concurrency_limit=1)
+        preview_button.click(preview_regions, [api_image, api_mix, api_masks], regions_view, api_name="preview_regions")
         list_button.click(lambda: studio.describe(), None, catalogue, api_name="list_adapters")
         segment_button.click(segment, [segment_image, segment_text], segment_mask, api_name="segment",
                              concurrency_id=GPU_JOB, concurrency_limit=1)
@@ -297,9 +300,7 @@ def main() -> None:
     parser.add_argument("--collection", default=None,
                         help="Hub collection of adapters (owner/slug; default: $MIVA_COLLECTION)")
     args = parser.parse_args()
-    from miva.hub import collection_id
-
-    demo = build_app(build_studio(args.backend, collection_id(args.collection)))
+    demo = build_app(Studio.from_base(args.backend, args.collection))
     serve(demo, server_name=args.host, server_port=args.port, share=args.share)
 
 

@@ -56,17 +56,15 @@ def cmd_animate(args) -> int:
         path, weight = parse_adapter_spec(spec)
         weights[pipe.load_adapter(path)] = weight
     masks = {}
-    segmenter = None
     for option, items in (("--mask", args.mask), ("--mask-text", args.mask_text)):
         for item in items:
             name, _, value = item.partition("=")
             if not name or not value:
                 raise ValueError(f"{option} '{item}' needs the form ADAPTER=VALUE, e.g. {option} move-left=left.png.")
             if option == "--mask-text":
-                from .segment import TextSegmenter
+                from .segment import text_mask
 
-                segmenter = segmenter or TextSegmenter()
-                value = segmenter.segment_image(args.image, value)
+                value = text_mask(args.image, value)
             masks[name] = value
     start = time.perf_counter()
     out = pipe(
@@ -80,9 +78,9 @@ def cmd_animate(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from .segment import TextSegmenter, save_mask
+    from .segment import save_mask, text_mask
 
-    mask = TextSegmenter().segment_image(args.image, args.text)
+    mask = text_mask(args.image, args.text)
     print(f"wrote {save_mask(mask, args.out)} ({mask.mean():.1%} of the image)")
     return 0
 
@@ -112,9 +110,9 @@ def _training_clips(args, frames: int, size: tuple[int, int]):
         clipset = data.load_clips(args.clips, frames=frames, stride=args.stride, size=size, on_error=args.on_error,
                                   masks=args.masked and not from_text)
         if from_text:  # an M-MIVA's subject found by a phrase on each clip's first frame and tracked
-            from .segment import TextSegmenter
+            from .segment import shared_segmenter
 
-            segmenter = TextSegmenter()
+            segmenter = shared_segmenter()
             clipset.masks = [segmenter.segment_video(clip, args.mask_text).astype("float32") for clip in clipset.clips]
         return clipset, args.motion or Path(args.out).name
     raise ValueError("give --clips DIR (videos of the motion) or --stills DIR with --camera MOTION.")

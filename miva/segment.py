@@ -6,8 +6,9 @@ checkpoints (`GroundingDinoForObjectDetection`; `Sam2Model` for one image and `S
 its inference-session API for a clip), loaded lazily on first use through `from_pretrained` with
 safetensors only and no remote code. `detector` / `segmenter` are Hub ids or local folders in the Hub
 layout; offline, a model that is neither a folder nor in the Hugging Face cache raises
-`SegmentationUnavailable`. `save_mask` writes a mask as a PNG file (white = region), which
-`miva.masks.fit_mask` reads back.
+`SegmentationUnavailable`. `text_mask` is the one text -> mask call the CLI and the Studio share
+(one phrase on one image, with a process-wide segmenter made on first use). `save_mask` writes a
+mask as a PNG file (white = region), which `miva.masks.fit_mask` reads back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .media import load_image
 DETECTOR = "IDEA-Research/grounding-dino-tiny"
 SEGMENTER = "facebook/sam2.1-hiera-tiny"
 MAX_BOXES = 16  # the highest-scoring detections kept; each is one SAM 2 prompt (one tracked object in a clip)
+MAX_PHRASE = 200  # characters of a text phrase for a mask
 
 
 class SegmentationUnavailable(RuntimeError):
@@ -255,6 +257,28 @@ class TextSegmenter:
         if not masks[0].any():
             raise _nothing_found(text)
         return masks
+
+
+_shared: TextSegmenter | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_segmenter() -> TextSegmenter:
+    """The process's default `TextSegmenter` (the default models), made on first use; its models load lazily."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = TextSegmenter()
+        return _shared
+
+
+def text_mask(image, text: str, segmenter: TextSegmenter | None = None) -> np.ndarray:
+    """An (H, W) bool mask of what `text` names in `image` (a path, PIL image or array), at the image's
+    size; phrases past `MAX_PHRASE` characters are refused. `segmenter` None: `shared_segmenter()`."""
+    text = text.strip() if isinstance(text, str) else text
+    if isinstance(text, str) and len(text) > MAX_PHRASE:
+        raise ValueError(f"the phrase is {len(text)} characters long; describe the region in at most {MAX_PHRASE}.")
+    return (segmenter or shared_segmenter()).segment_image(image, text)
 
 
 # -- mask files ------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What the Space does, without the UI: a catalogue of adapters and the animate / mix / train jobs.
 
-`app.py` lays out the page and calls these methods; they take plain values (paths, numbers, names)
-and return paths, so the same calls serve the browser, `gradio_client` and tests. Every request
+`app.py` lays out the page and calls these methods; they take plain values (paths, numbers, names,
+a mix as a JSON list) and return paths, so the same calls serve the browser, `gradio_client` and
+tests; the errors in `USER_ERRORS` carry one sentence for the user. Every request
 writes into its own temporary folder and gets its own seed; adapter names from requests are looked
 up inside the catalogue folders only, never used as paths.
 """
@@ -22,11 +23,16 @@ from PIL import Image
 from .adapter import MAX_WEIGHT, check_adapter_name
 from .config import MivaConfig
 from .catalogue import ADAPTERS_DIR
+from .media import load_image, open_image
 from .pipeline import MivaPipeline
+from .segment import SegmentationUnavailable
 
 MAX_MIX = 4  # adapters in one mix
 MAX_STEPS = 100
-MAX_PHRASE = 200  # characters of a text phrase for a mask
+MIX_KEYS = ("adapter", "weight", "phrase", "mask")  # the fields of one motion of a mix
+MIX_EXAMPLE = '[{"adapter": "move-left", "weight": 1.0, "phrase": "the red square"}]'
+# what a user got wrong (or a model that cannot be fetched): the message is the answer to show
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ConnectionError, SegmentationUnavailable)
 Progress = Callable[[float, str], None]  # (fraction done, message)
 # Rough GPU seconds, for a Space's time-limited GPU: (fixed, per frame x sampling step, per training step).
 GPU_COST = {"animatediff-v3": (20.0, 0.02, 0.6)}
@@ -70,6 +76,16 @@ class Studio:
         # run executes in a process forked by `spaces.GPU`, which sees files but not this object's memory.
         self.runs = self.workdir / "runs"
         self.runs.mkdir(exist_ok=True)
+
+    @classmethod
+    def from_base(cls, backend: str, collection: str | None = None, **kwargs) -> Studio:
+        """A Studio on the base `backend` with the adapters of the Hub collection `collection` (None:
+        $MIVA_COLLECTION, if set) fetched."""
+        from .hub import collection_id
+
+        studio = cls(MivaPipeline.from_base(backend), collection=collection_id(collection), **kwargs)
+        studio.refresh_hub()
+        return studio
 
     # -- time on a GPU ----------------------------------------------------------------------------
     def gpu_seconds(self, frames: int = 16, steps: int = 25, adapters: int = 1, guidance: float = 1.0,
@@ -155,15 +171,97 @@ class Studio:
     # -- regions ---------------------------------------------------------------------------------
     def segment(self, image, text: str) -> np.ndarray:
         """An (H, W) bool mask of what `text` names in `image`, at the image's size (Grounding DINO + SAM 2)."""
-        from .media import load_image
-        from .segment import TextSegmenter
+        from .segment import text_mask
 
-        text = (text or "").strip()
-        if len(text) > MAX_PHRASE:
-            raise ValueError(f"the phrase is {len(text)} characters long; describe the region in at most {MAX_PHRASE}.")
-        if self._segmenter is None:
-            self._segmenter = TextSegmenter()
-        return self._segmenter.segment_image(load_image(image), text)
+        return text_mask(load_image(image), text or "", self._segmenter)
+
+    def segment_file(self, image, text: str) -> Path:
+        """`segment`, written as a PNG (white = region) in a fresh folder."""
+        from .segment import save_mask
+
+        return save_mask(self.segment(image, text), self.out_path("mask", ".png"))
+
+    def read_mix(self, image, mix, masks=None) -> tuple[dict[str, float], dict[str, object]]:
+        """A mix as a client writes it -> ({adapter: weight}, {adapter: mask or phrase}) for `animate`.
+
+        `mix` is a list (or its JSON text) of up to MAX_MIX {"adapter": a catalogue name, "weight": 0 to
+        MAX_WEIGHT (default 1), "phrase": text naming the adapter's region, "mask": an index into
+        `masks`}, with at most one of phrase and mask (neither: everywhere). `masks` are mask images
+        (paths, PIL images or (H, W[, C]) arrays; white or painted = region) at the first frame's size."""
+        if isinstance(mix, str):
+            try:
+                mix = json.loads(mix)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"the mix is not valid JSON ({err.msg} at character {err.pos}); "
+                                 f"write a list such as {MIX_EXAMPLE}.") from None
+        if not isinstance(mix, list):
+            raise ValueError(f"the mix is a {type(mix).__name__}; give a list of motions such as {MIX_EXAMPLE}.")
+        if not mix:
+            raise ValueError("choose at least one motion to mix.")
+        if len(mix) > MAX_MIX:
+            raise ValueError(f"{len(mix)} motions were given; mix at most {MAX_MIX}.")
+        masks = list(masks or [])
+        weights, regions = {}, {}
+        for i, entry in enumerate(mix, start=1):
+            if not isinstance(entry, dict):
+                raise ValueError(f"motion {i} of the mix is a {type(entry).__name__}; write each as an object "
+                                 'such as {"adapter": "move-left", "weight": 1.0}.')
+            unknown = sorted(set(entry) - set(MIX_KEYS))
+            if unknown:
+                raise ValueError(f"motion {i} has the unknown field(s) {', '.join(map(repr, unknown))}; "
+                                 f"use {', '.join(MIX_KEYS)}.")
+            name = entry.get("adapter")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f'motion {i} names no adapter; set "adapter" to a name from the catalogue.')
+            name = name.strip()
+            self.resolve(name)  # an unknown name is refused with the known ones
+            if name in weights:
+                raise ValueError(f"'{name}' is chosen twice; pick each motion once and set its weight.")
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= MAX_WEIGHT:
+                raise ValueError(f"the weight of '{name}' is {weight!r}; use a number from 0 to {MAX_WEIGHT:g}.")
+            phrase, index = entry.get("phrase") or "", entry.get("mask")
+            if not isinstance(phrase, str):
+                raise ValueError(f"the phrase of motion {i} is a {type(phrase).__name__}; write it as text.")
+            if index is not None and phrase.strip():
+                raise ValueError(f"motion {i} has both a mask (a drawn region) and a phrase; keep one of them.")
+            weights[name] = float(weight)
+            if index is not None:
+                regions[name] = self._mask(image, masks, index, i)
+            elif phrase.strip():
+                regions[name] = phrase.strip()
+        return weights, regions
+
+    @staticmethod
+    def _mask(image, masks: list, index, motion: int):
+        """masks[index], checked: an index in range and an image at the first frame's size."""
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(masks):
+            given = f"{len(masks)} mask{'s' if len(masks) != 1 else ''} {'were' if len(masks) != 1 else 'was'} given"
+            fix = f"use an index from 0 to {len(masks) - 1}" if masks else "upload the mask image in masks"
+            raise ValueError(f"motion {motion} asks for mask {index!r} but {given}; {fix}.")
+        if image is None:
+            raise ValueError("upload a first frame (an image) to lay the masks on.")
+        mask = masks[index]
+        if isinstance(mask, (str, Path)):
+            mask = open_image(mask, what="mask image")  # an unreadable file is refused in one sentence
+        if not isinstance(mask, Image.Image) and np.ndim(mask) not in (2, 3):
+            raise ValueError(f"mask {index} is not an image; upload a PNG with the region painted white.")
+        width, height = mask.size if isinstance(mask, Image.Image) else np.shape(mask)[1::-1]
+        frame = load_image(image).size
+        if (width, height) != frame:
+            raise ValueError(f"mask {index} is {width}x{height} pixels but the first frame is {frame[0]}x{frame[1]}; "
+                             "draw the mask at the first frame's size.")
+        return mask
+
+    def mix(self, image, mix, masks=None, frames: int = 16, steps: int = 25, seed: int = 0,
+            progress: Progress | None = None) -> Path:
+        """Animate `image` with a mix as `read_mix` reads it (the Mix tab's settings for the rest)."""
+        weights, regions = self.read_mix(image, mix, masks)
+        return self.animate(image, weights, frames, steps, seed, 0.05, None, True, 1.0, progress, regions=regions)
+
+    def preview_mix(self, image, mix, masks=None) -> Image.Image:
+        """`preview_regions` of a mix as `read_mix` reads it."""
+        return self.preview_regions(image, *self.read_mix(image, mix, masks))
 
     def region_masks(self, image, regions: dict[str, object]) -> dict[str, object]:
         """{adapter: a drawn mask, or a text phrase to segment} -> {adapter: mask}, drawn masks as given."""

@@ -16,9 +16,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import TABS, build_app, build_studio, serve  # noqa: E402
+from app import TABS, build_app, serve  # noqa: E402
 from miva import browser  # noqa: E402
 from miva.media import save_video  # noqa: E402
+from miva.studio import Studio  # noqa: E402
 
 
 def column(frames: np.ndarray, label: str, side: int = 128) -> np.ndarray:
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-gif", action="store_true")
     args = parser.parse_args()
-    studio = build_studio(args.backend)
+    studio = Studio.from_base(args.backend)
     if not args.no_gif:
         print(demo_gif(studio, ROOT / "assets" / "example.png", args.out / "demo.gif"))
         print(mix_gif(studio, ROOT / "assets" / "example-two-objects.png", args.out / "mix.gif"))

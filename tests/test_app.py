@@ -73,52 +73,140 @@ def test_animate_with_the_base_alone(served):
                                        api_name="/animate")) == 3
 
 
-def row(name=None, weight=1.0, region=None, phrase=""):
-    """One Mix row as the API takes it: motion, weight, painted region (image editor value), phrase."""
-    return [name, weight, region, phrase]
-
-
-def EMPTY():
-    return row() * 3
-
-
-def painted(root, image, box=(4, 4, 20, 20)):
-    """An image-editor value: the first frame with one brush layer painted over `box` (x0, y0, x1, y1)."""
-    layer = np.zeros((40, 48, 4), np.uint8)
+def mask_file(root, box=(4, 4, 20, 20), size=(48, 40), name=None):
+    """A mask image (white = region over `box`, x0, y0, x1, y1) as gradio_client uploads it."""
+    mask = np.zeros(size[::-1], np.uint8)
     x0, y0, x1, y1 = box
-    layer[y0:y1, x0:x1] = (230, 60, 60, 255)
-    path = root / f"layer-{x0}-{y0}.png"
-    Image.fromarray(layer, "RGBA").save(path)
-    return {"background": handle_file(str(image)), "layers": [handle_file(str(path))], "composite": None}
+    mask[y0:y1, x0:x1] = 255
+    path = root / (name or f"mask-{x0}-{y0}-{size[0]}x{size[1]}.png")
+    Image.fromarray(mask).save(path)
+    return handle_file(str(path))
+
+
+def mix(client, image, mix, masks=None, api_name="/mix", **settings):
+    """/mix (or /preview_regions) with named values, as a script calls it."""
+    if api_name == "/mix":
+        settings = {"frames": 4, "steps": 2, "seed": 1, **settings}
+    return client.predict(image=handle_file(str(image)), mix=mix, masks=masks, api_name=api_name, **settings)
+
+
+def test_every_endpoint_has_named_parameters(served):
+    client, *_ = served
+    api = client.view_api(return_format="dict", print_info=False)
+    assert api["unnamed_endpoints"] == {}
+    endpoints = api["named_endpoints"]
+    assert {"/animate", "/mix", "/preview_regions", "/segment", "/train", "/list_adapters"} <= set(endpoints)
+    for name, endpoint in endpoints.items():
+        for parameter in endpoint["parameters"]:
+            assert not re.fullmatch(r"param_?\d+|parameter_\d+|args?|rows?", parameter["parameter_name"]), (name, parameter)
+    assert [p["parameter_name"] for p in endpoints["/mix"]["parameters"]] == ["image", "mix", "masks", "frames", "steps", "seed"]
+    assert [p["parameter_name"] for p in endpoints["/preview_regions"]["parameters"]] == ["image", "mix", "masks"]
 
 
 def test_mix(served):
     client, _, image, _ = served
-    rows = row("move-left", 0.5) + row("zoom-in") + row() + row()
-    assert video_frames(client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")) == 4
+    assert video_frames(mix(client, image, [{"adapter": "move-left", "weight": 0.5}, {"adapter": "zoom-in"}])) == 4
 
 
-def test_mix_with_a_painted_region_and_its_preview(served):
+def test_mix_as_json_text_with_a_mask_and_its_preview(served):
     client, root, image, _ = served
-    rows = row("move-left", 1.0, painted(root, image)) + row("zoom-in") + row() + row()
-    preview = client.predict(handle_file(str(image)), *rows, api_name="/preview_regions")
+    spec = '[{"adapter": "move-left", "weight": 1.0, "mask": 0}, {"adapter": "zoom-in", "weight": 1.0}]'
+    preview = mix(client, image, spec, [mask_file(root)], api_name="/preview_regions")
     pixels = np.asarray(Image.open(preview).convert("RGB")).astype(int)
     assert pixels.shape[:2] == (32, 32)
     tinted = np.abs(pixels - 90).sum(axis=-1) > 30  # the grey first frame, coloured where the region is
     assert 0.05 < tinted.mean() < 0.6
-    assert video_frames(client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")) == 4
+    assert video_frames(mix(client, image, spec, [mask_file(root)])) == 4
 
 
-def test_mix_region_mistakes_are_readable(served):
+@pytest.mark.parametrize("spec, masks, message", [
+    ({"adapter": "move-left"}, None, "the mix is a dict; give a list of motions"),
+    ("[{adapter: move-left}]", None, "the mix is not valid JSON"),
+    ([], None, "choose at least one motion to mix"),
+    ([{"adapter": "no-such-motion"}], None, "known adapters: move-left, zoom-in"),
+    ([{"weight": 1.0}], None, "motion 1 names no adapter"),
+    ([{"adapter": "move-left", "region": 0}], None, "unknown field"),
+    ([{"adapter": "move-left"}, {"adapter": "move-left"}], None, "chosen twice"),
+    ([{"adapter": "move-left", "weight": -0.5}], None, "the weight of 'move-left' is -0.5; use a number from 0 to 2"),
+    ([{"adapter": "move-left", "weight": 3.0}], None, "use a number from 0 to 2"),
+    ([{"adapter": "move-left", "mask": 0, "phrase": "the square"}], "MASK", "both a mask .a drawn region. and a phrase"),
+    ([{"adapter": "move-left", "mask": 1}], "MASK", "asks for mask 1 but 1 mask was given; use an index from 0 to 0"),
+    ([{"adapter": "move-left", "mask": 0}], None, "upload the mask image in masks"),
+    ([{"adapter": "move-left", "mask": 0}], "SMALL", "mask 0 is 10x10 pixels but the first frame is 48x40"),
+    ([{"adapter": "move-left", "mask": 0}], "CORRUPT", "could not read 'corrupt.png' as a mask image"),
+])
+def test_mix_mistakes_are_one_readable_sentence(served, spec, masks, message):
     client, root, image, _ = served
-    both = row("move-left", 1.0, painted(root, image), "the square") + EMPTY()
-    with pytest.raises(Exception, match="both a drawn region and a phrase"):
-        client.predict(handle_file(str(image)), 4, 2, 1, *both, api_name="/mix")
-    twice = row("move-left") + row("move-left") + row() + row()
-    with pytest.raises(Exception, match="chosen twice"):
-        client.predict(handle_file(str(image)), 4, 2, 1, *twice, api_name="/mix")
+    (root / "corrupt.png").write_bytes(b"not a png" * 50)
+    masks = {None: None, "MASK": [mask_file(root)], "SMALL": [mask_file(root, (0, 0, 5, 5), (10, 10))],
+             "CORRUPT": [handle_file(str(root / "corrupt.png"))]}[masks]
+    for api_name in ("/mix", "/preview_regions"):
+        with pytest.raises(Exception, match=message):
+            mix(client, image, spec, masks, api_name=api_name)
+
+
+def test_mix_with_a_corrupt_first_frame_or_no_region(served):
+    client, root, image, _ = served
+    broken = root / "broken.png"
+    broken.write_bytes(b"not a png" * 50)
+    with pytest.raises(Exception, match="could not read 'broken.png' as an image"):
+        mix(client, broken, [{"adapter": "move-left"}])
     with pytest.raises(Exception, match="no region was drawn or described"):
-        client.predict(handle_file(str(image)), *row("move-left"), *EMPTY(), api_name="/preview_regions")
+        mix(client, image, [{"adapter": "move-left"}], api_name="/preview_regions")
+
+
+def test_the_mix_tab_rows_become_the_api_form():
+    from app import mix_from_rows
+
+    frame = np.full((40, 48, 3), 90, np.uint8)
+    layer = np.zeros((40, 48, 4), np.uint8)
+    layer[4:20, 4:20] = (230, 60, 60, 255)
+    painted = {"background": frame, "layers": [layer], "composite": None}
+    unpainted = {"background": frame, "layers": [np.zeros_like(layer)], "composite": None}
+    rows = ["move-left", 0.5, painted, "", None, 1.0, None, "", "zoom-in", 1.0, unpainted, " the square ",
+            "", 1.0, None, ""]
+    spec, masks = mix_from_rows(rows)
+    assert spec == [{"adapter": "move-left", "weight": 0.5, "mask": 0},
+                    {"adapter": "zoom-in", "weight": 1.0, "phrase": " the square "}]
+    assert len(masks) == 1 and masks[0].shape == (40, 48) and masks[0][10, 10] == 255 and masks[0][30, 30] == 0
+
+
+def test_the_mix_tab_buttons_still_work(served):
+    """The page's Mix and Preview buttons call hidden events with the rows; call them as the page does
+    (by fn_index over the queue: gradio_client refuses private events)."""
+    import json
+
+    import httpx
+
+    client, root, image, _ = served
+    api, deps = client.src.rstrip("/") + "/gradio_api", client.config["dependencies"]
+
+    def upload(path):
+        stored = httpx.post(api + "/upload", files=[("files", (path.name, path.read_bytes()))]).json()[0]
+        return {"path": stored, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+    def press(inputs, data):
+        index = next(i for i, d in enumerate(deps) if len(d["inputs"]) == inputs and d["api_visibility"] == "private")
+        trigger = deps[index]["targets"][0][0]
+        httpx.post(api + "/queue/join", json={"data": data, "fn_index": index, "session_hash": "page",
+                                              "trigger_id": trigger, "event_data": None}).raise_for_status()
+        with httpx.stream("GET", api + "/queue/data", params={"session_hash": "page"}, timeout=120) as events:
+            for line in events.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed":
+                    return message["success"], message["output"]
+
+    layer = np.zeros((40, 48, 4), np.uint8)
+    layer[4:20, 4:20] = (230, 60, 60, 255)
+    Image.fromarray(layer, "RGBA").save(root / "brush.png")
+    first = upload(image)
+    editor = {"background": first, "layers": [upload(root / "brush.png")], "composite": None}
+    rows = ["move-left", 1.0, editor, "", "zoom-in", 1.0, None, "", None, 1.0, None, "", None, 1.0, None, ""]
+    assert press(17, [first, *rows])[0]  # Preview regions
+    done, output = press(20, [first, 4, 2, 1, *rows])  # Mix
+    assert done and output["data"][0]["path"].endswith(".mp4")
+    done, output = press(20, [first, 4, 2, 1, "move-left", 1.0, editor, "the square", *rows[4:]])
+    assert not done and "both a mask (a drawn region) and a phrase" in output["error"]
 
 
 def test_text_regions_without_the_models_say_so(served, monkeypatch):
@@ -129,8 +217,7 @@ def test_text_regions_without_the_models_say_so(served, monkeypatch):
     with pytest.raises(Exception, match="not available offline"):
         client.predict(handle_file(str(image)), "the square", api_name="/segment")
     with pytest.raises(Exception, match="not available offline"):
-        client.predict(handle_file(str(image)), 4, 2, 1, *row("move-left", 1.0, None, "the square"), *EMPTY(),
-                       api_name="/mix")
+        mix(client, image, [{"adapter": "move-left", "weight": 1.0, "phrase": "the square"}])
 
 
 def test_push_needs_an_adapter_trained_here_and_a_token(served):
@@ -149,19 +236,6 @@ def test_animate_bad_input_is_a_readable_error(served, args, message):
     first = handle_file(str(image)) if args[0] == "IMAGE" else None
     with pytest.raises(Exception, match=message):
         client.predict(first, args[1], 4, 2, 0, 0.05, True, True, 1.0, api_name="/animate")
-
-
-def test_mix_needs_a_motion(served):
-    client, _, image, _ = served
-    with pytest.raises(Exception, match="choose at least one motion"):
-        client.predict(handle_file(str(image)), 4, 2, 1, *row(), *EMPTY(), api_name="/mix")
-
-
-def test_mix_weight_out_of_range(served):
-    client, _, image, _ = served
-    rows = row("move-left", 3.0) + EMPTY()
-    with pytest.raises(Exception, match="greater than maximum value 2"):  # the slider refuses it
-        client.predict(handle_file(str(image)), 4, 2, 1, *rows, api_name="/mix")
 
 
 def test_train_then_animate_with_the_new_adapter(served):
