@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --config full   # SD1.5 + AnimateDiff v3 at 16x512x320 (GPU)
     python benchmarks/overhead.py --config wan-mid      # Wan2.1 1.3B blocks, 4 of 30 layers, 17x240x416 (CPU)
     python benchmarks/overhead.py --config wan-full     # Wan2.1-T2V-1.3B at 17x480x832 (GPU)
+    python benchmarks/overhead.py --config full --masked  # M-MIVA sampling with and without the mask cache
 
 The base and base+MIVA denoisers (random weights: values do not change cost) run interleaved in one
 process, so machine noise hits both alike. The FLOP ratio of the same two models on the same input
@@ -12,6 +13,10 @@ of the method can beat. The number of kernels a step launches (every non-view at
 meta device with a dispatch mode) is the launch-bound proxy that needs no GPU. The MIVA model runs as
 the sampler runs it: inside a call, with its temporal LoRA folded in. Last line:
 `overhead_ratio X flop_ratio Y kernel_ratio Z` (X = denoiser step time ratio).
+
+`--masked` (UNet configs) instead times whole calls of the base, of one M-MIVA regenerating its masks
+at every step, and of the same M-MIVA with the mask-step cache (the paper's mask steps, B.1.3),
+interleaved. Last line: `mask_cache_ratio X mmiva_ratio Y` (cached / uncached call, cached / base).
 """
 
 from __future__ import annotations
@@ -94,10 +99,12 @@ def build(name: str, device: str, dtype: torch.dtype, miva: bool):
     return unet, sample, embeds
 
 
-def add_miva(unet, name: str) -> None:
-    """Attach one MIVA with trained-like (non-zero) weights, so nothing is skipped."""
+def add_miva(unet, name: str, masked: bool = False) -> None:
+    """Attach one MIVA (an M-MIVA if `masked`) with trained-like (non-zero) weights, so nothing is skipped."""
     torch.manual_seed(0)
-    manager = attach(unet, miva_config(name))
+    config = miva_config(name)
+    config.masked = masked
+    manager = attach(unet, config)
     if unet.device.type != "meta":
         with torch.no_grad():
             for p in manager.parameters("default").values():
@@ -198,8 +205,8 @@ def time_steps(models, device, repeats, warmup=2) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
-    """Median seconds of a whole image-to-video call (VAE encode, `steps` sampler steps, decode)."""
+def pipelines(name, models, device, dtype) -> list[MivaPipeline]:
+    """A pipeline over each (denoiser, sample, embeds) with the config's VAE (random weights)."""
     pipes = []
     if name in WAN:
         from diffusers import AutoencoderKLWan
@@ -211,28 +218,54 @@ def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
             pipes.append(MivaPipeline(wan.WanBase(id=wan.BASE_ID, unet=unet, vae=vae, scheduler=wan.scheduler(),
                                                   null_prompt_embeds=embeds, height=h * factor, width=w * factor,
                                                   frames=(f - 1) * 4 + 1)))
-    else:
-        _, _, vae_cfg, shape = configs(name)
-        f, h, w = small_latents(*shape)
-        from diffusers import AutoencoderKL
+        return pipes
+    _, _, vae_cfg, shape = configs(name)
+    f, h, w = small_latents(*shape)
+    from diffusers import AutoencoderKL
 
-        with animatediff.quiet_diffusers():
-            vae = AutoencoderKL.from_config(vae_cfg).to(device=device, dtype=dtype).eval()
-        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        for unet, _, embeds in models:
-            pipes.append(MivaPipeline(Base(id=name, unet=unet, vae=vae, scheduler=animatediff.tiny_scheduler(),
-                                           null_prompt_embeds=embeds[:1], height=h * factor, width=w * factor,
-                                           frames=f)))
-    image = torch.rand(3, h * factor, w * factor)
-    times = [[] for _ in pipes]
+    with animatediff.quiet_diffusers():
+        vae = AutoencoderKL.from_config(vae_cfg).to(device=device, dtype=dtype).eval()
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    for unet, _, embeds in models:
+        pipes.append(MivaPipeline(Base(id=name, unet=unet, vae=vae, scheduler=animatediff.tiny_scheduler(),
+                                       null_prompt_embeds=embeds[:1], height=h * factor, width=w * factor, frames=f)))
+    return pipes
+
+
+def time_calls(calls, device, repeats) -> list[float]:
+    """Median seconds of each zero-argument call, interleaved."""
+    times = [[] for _ in calls]
     for _ in range(repeats):
-        for i, pipe in enumerate(pipes):
+        for i, call in enumerate(calls):
             sync(device)
             start = time.perf_counter()
-            pipe(image, adapters=None, num_inference_steps=steps, seed=0)  # the base: no adapter attached
+            call()
             sync(device)
             times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
+    """Median seconds of a whole image-to-video call (VAE encode, `steps` sampler steps, decode)."""
+    pipes = pipelines(name, models, device, dtype)
+    image = torch.rand(3, pipes[0].base.height, pipes[0].base.width)
+    return time_calls([lambda pipe=pipe: pipe(image, num_inference_steps=steps, seed=0) for pipe in pipes], device,
+                      repeats)
+
+
+def time_mask_cache(name, device, dtype, steps, repeats) -> list[float]:
+    """Median seconds of a call of the base, of an M-MIVA with masks at every step, and with the mask cache."""
+    base = build(name, device, dtype, miva=False)
+    masked = (copy.deepcopy(base[0]), base[1], base[2])
+    add_miva(masked[0], name, masked=True)
+    plain, mmiva = pipelines(name, [base, masked], device, dtype)
+    height, width = plain.base.height, plain.base.width
+    image, subject = torch.rand(3, height, width), torch.zeros(height, width)
+    subject[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1
+    run = dict(num_inference_steps=steps, seed=0)
+    return time_calls([lambda: plain(image, **run),
+                       lambda: mmiva(image, masks={"default": subject}, mask_steps="all", **run),
+                       lambda: mmiva(image, masks={"default": subject}, **run)], device, repeats)
 
 
 def peak_memory(name, device, dtype, miva) -> int:
@@ -267,7 +300,10 @@ def main() -> None:
     parser.add_argument("--sampling-repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="the smallest latents: a quick smoke run of the script")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs and kernels on the meta device and stop")
+    parser.add_argument("--masked", action="store_true", help="time M-MIVA calls with and without the mask cache")
     args = parser.parse_args()
+    if args.masked and args.config in WAN:
+        parser.error("--masked times M-MIVA, which runs on the UNet configs (mid, full).")
     if args.small:
         import os
 
@@ -275,6 +311,13 @@ def main() -> None:
     device = args.device
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
+    if args.masked:
+        machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+        plain, uncached, cached = time_mask_cache(args.config, device, dtype, args.sampling_steps, args.sampling_repeats)
+        print(f"config {args.config}, {dtype}, {machine}, {args.sampling_steps} steps + VAE: base {plain:.2f} s, "
+              f"M-MIVA masks every step {uncached:.2f} s, with the mask cache {cached:.2f} s")
+        print(f"mask_cache_ratio {cached / uncached:.3f} mmiva_ratio {cached / plain:.3f}")
+        return
 
     (base_flops, miva_flops), (base_kernels, miva_kernels) = count_step(args.config)
     flop_ratio, kernel_ratio = miva_flops / base_flops, miva_kernels / base_kernels

@@ -1,6 +1,6 @@
 """The full-size figures in one run on one GPU, within a time budget, ending in one summary table.
 
-    python scripts/gpu_check.py                 # on the GPU: ~9 minutes on one H100
+    python scripts/gpu_check.py                 # on the GPU: at most 9 minutes on one H100
     python scripts/gpu_check.py --dry-run       # on the CPU: the same jobs on small configs, to catch typos
 
 Each job is a benchmark script run in its own process with a timeout; a job that would start with
@@ -34,8 +34,12 @@ JOBS = [
      ["train_memory.py", "--config", "full", "--steps", "3"],
      ["train_memory.py", "--config", "tiny", "--steps", "1", "--device", "cpu",
       "--options", "fp32", "half base + autocast + checkpointing"], 150),
+    ("M-MIVA mask cache, 25 steps at 16x512x320",
+     ["overhead.py", "--config", "full", "--masked", "--sampling-steps", "25", "--sampling-repeats", "2"],
+     ["overhead.py", "--config", "mid", "--device", "cpu", "--small", "--masked", "--sampling-steps", "2",
+      "--sampling-repeats", "1"], 90),
 ]
-FIGURES = re.compile(r"^(overhead_ratio .*|train_memory_gb .*|flop_ratio .*)$", re.M)
+FIGURES = re.compile(r"^(overhead_ratio .*|train_memory_gb .*|flop_ratio .*|mask_cache_ratio .*)$", re.M)
 
 
 def run_job(args: list[str], timeout: float) -> tuple[str, str]:

@@ -12,4 +12,4 @@ def test_gpu_check_dry_run_prints_its_table():
                           text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = done.stdout.split("\nsummary (")[1]
-    assert table.count(" ok in ") == 3 and "kernel_ratio" in table
+    assert table.count(" ok in ") == 4 and "kernel_ratio" in table and "mask_cache_ratio" in table
