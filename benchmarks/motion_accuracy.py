@@ -5,7 +5,7 @@
 For each adapter in the folder (toy base; an M-MIVA gets the still's object as its mask): animate
 N held-out first frames (colours and shapes never in any training clip; textured backgrounds for a
 camera motion, as its clips have, since over a flat one a camera move looks like the object moving),
-classify the motion of each video with miva.metrics.classify_motion, and count those equal to the
+classify the motion of each video with miva.toy.metrics.classify_motion, and count those equal to the
 adapter's motion. The base alone on the same frames and seeds gives the chance level. Also: CPU
 seconds to train (from the adapter card) and to animate 16 frames, and for a turn, in how many
 stills the object turned keeping its shape (`keeps_shape`: a cross drawn as a turning
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from miva.config import MivaConfig  # noqa: E402
-from miva.metrics import classify_motion, keeps_shape, object_masks  # noqa: E402
+from miva.toy.metrics import classify_motion, keeps_shape, object_masks  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
-from miva.toy.base import load_toy, toy_world  # noqa: E402
+from miva.toy.base import TOY_WORLD, load_toy  # noqa: E402
 from miva.toy.world import CAMERA_MOTIONS, heldout_stills  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     folders = sorted(p for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file())
     if not folders:
         sys.exit(f"no adapters in {args.adapters}; train them with scripts/train_toy_adapters.py")
-    world, alone = toy_world(), {}  # the base alone on each set of stills: {camera motion?: motions}
+    world, alone = TOY_WORLD, {}  # the base alone on each set of stills: {camera motion?: motions}
     print(f"{'adapter':<16} {'accuracy':>8} {'base':>6} {'train s':>8} {'animate s':>9}  most common")
     accuracies = []
     for folder in folders:

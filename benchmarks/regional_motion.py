@@ -9,7 +9,7 @@ For N held-out first frames with two objects (A, B; colours and shapes never in 
   a alone  M-MIVA a on A's mask: leakage = displacement of B / displacement of A (B should stay)
   b alone  the same for b, B and A
   plain    MIVA `plain` (unmasked: it acts on the background, B.2.1) + M-MIVA b on B: B's direction
-Objects are tracked by their soft centroids (`miva.metrics.object_tracks`), matched to A and B by
+Objects are tracked by their soft centroids (`miva.toy.metrics.object_tracks`), matched to A and B by
 their first-frame positions. Leakage is only defined where the subject moved (net displacement at
 least `DIRECTION_MIN` of the frame side, the classifier's threshold); it is NaN when none did. Last line: `regional_accuracy X leakage Y` (mix accuracy over both
 objects; median leakage of the single-adapter runs). Goals: accuracy >= 0.9, leakage <= 0.05.
@@ -35,9 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from miva.metrics import DIRECTION_MIN, _direction, object_tracks  # noqa: E402
+from miva.toy.metrics import DIRECTION_MIN, _direction, object_tracks  # noqa: E402
 from miva.pipeline import MIX_MODES, MivaPipeline  # noqa: E402
-from miva.toy.base import load_toy, toy_world  # noqa: E402
+from miva.toy.base import TOY_WORLD, load_toy  # noqa: E402
 from miva.toy.world import make_clip  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     pipe = MivaPipeline(load_toy(device=args.device))
     a, b, plain = (pipe.load_adapter(p) for p in (args.a, args.b, args.plain))
     motion = {name: pipe.adapters[name].motion for name in (a, b, plain)}
-    config = dataclasses.replace(toy_world(), num_objects=2)
+    config = dataclasses.replace(TOY_WORLD, num_objects=2)
     hits, leaks, plain_hits, moved_px, alone, apart, mask_hits, seconds = [], [], [], [], [], [], [], {}
     for seed in range(args.n):
         clip = make_clip("move-left", 5000 + seed, config, split="heldout")  # its first frame: two still objects

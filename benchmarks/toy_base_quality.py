@@ -4,7 +4,7 @@
         [--named rotate-cw camera-zoom-in ...] [--prompted-only] [--device cuda]
 
 Per split (train-world stills and held-out stills): `coherence` = fraction of frames holding exactly
-one object of plausible size (miva.metrics.coherence), `shape_kept` = fraction of frames whose
+one object of plausible size (miva.toy.metrics.coherence), `shape_kept` = fraction of frames whose
 object area stays within 0.6x-1.6x of frame 0's, and the motion the base happens to produce.
 Then, for a base with its text encoder, the same held-out stills with a motion named in words
 (`motion_prompt`, cycling through the named motions): coherence, and `obeys` = fraction whose
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from miva import metrics  # noqa: E402
 from miva.media import save_video  # noqa: E402
 from miva.pipeline import MivaPipeline  # noqa: E402
-from miva.toy.base import ASSET, UNNAMED, load_toy, motion_prompt, toy_world  # noqa: E402
+from miva.toy.base import ASSET, TOY_WORLD, UNNAMED, load_toy, motion_prompt  # noqa: E402
 from miva.toy.train_base import BASE_MOTIONS  # noqa: E402
 from miva.toy.world import make_clip, make_still  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
         parser.error(f"--named takes motions the toy base has words for, not {', '.join(sorted(unknown))}.")
     base = load_toy(args.weights, device=args.device)
     pipe = MivaPipeline(base)
-    world = toy_world(args.weights)
+    world = TOY_WORLD
     result = {}
     for split in () if args.prompted_only else ("train", "heldout"):
         clips, coherence, kept, motions = [], [], [], Counter()

@@ -1,6 +1,7 @@
 """MIVA: Modular Image-to-Video Adapters — learned, mixable motions for image-to-video diffusion."""
 
-from .adapter import MAX_WEIGHT, attach, detach, load_adapter, save_adapter
+from .adapter import MAX_WEIGHT, attach, detach
+from .adapter_files import load_adapter, save_adapter
 from .config import MivaConfig
 from .pipeline import MivaOutput, MivaPipeline
 

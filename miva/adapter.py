@@ -1,9 +1,10 @@
-"""Attach, detach, mix, save and load MIVAs on a diffusers `UNetMotionModel` or `WanTransformer3DModel`.
+"""Attach, detach and mix MIVAs on a diffusers `UNetMotionModel` or `WanTransformer3DModel`.
 
 `attach(unet, config, name)` installs the MIVA processors on the spatial attentions (Wan: on every
 block's self- and cross-attention) and PEFT LoRA on the temporal attentions (UNet only: Wan's
 attention is already 3-D); `detach(unet)` restores the stock processors, layers and flags exactly.
-Several adapters can be attached at once and mixed with per-adapter weights (eq. S4).
+Several adapters can be attached at once and mixed with per-adapter weights (eq. S4). Adapter
+folders are written and read by `miva.adapter_files`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, MivaConfig
+from .card import PART_NAMES, part_of
+from .config import MivaConfig
 from .context import MivaContext
 from .processors import (CrossFrameAttnProcessor, ImplicitPromptProcessor, TemporalBiasProcessor,
                          WanCrossFrameAttnProcessor, WanImplicitPromptProcessor)
@@ -42,8 +41,7 @@ class _Layout:
     temporal: re.Pattern | None = None  # the temporal attentions, which get M-MIVA's t-SA bias
 
 
-# UNetMotionModel's spatial transformer blocks: `...attentions.N.transformer_blocks.M.attn1|attn2`
-# (motion modules' temporal attentions are also called attn1/attn2 and are excluded).
+# UNetMotionModel's spatial `...attentions.N.transformer_blocks.M.attn1|attn2` (not the motion modules').
 _UNET = _Layout(
     re.compile(r"^(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)attentions\.\d+\.transformer_blocks\.\d+\.(?P<kind>attn[12])$"),
     (CrossFrameAttnProcessor, ImplicitPromptProcessor), "time_embedding", "", True,
@@ -325,8 +323,6 @@ class MivaAdapters:
         return found
 
     def parameter_report(self, name: str) -> dict[str, int]:
-        from .card import PART_NAMES, part_of
-
         counts = dict.fromkeys(PART_NAMES, 0)
         for key, param in self.parameters(name).items():
             counts[part_of(key)] += param.numel()
@@ -402,54 +398,3 @@ def detach(unet, name: str | None = None) -> None:
     if name is None or not manager.configs:
         manager.close()
         del unet._miva_adapters
-
-
-def save_adapter(unet, name: str, folder: str | Path, card: bool = True) -> Path:
-    """Write adapter_config.json, adapter_model.safetensors and a README.md model card."""
-    manager = adapters_of(unet)
-    if manager is None or name not in manager.configs:
-        raise KeyError(f"no adapter named '{name}' is attached, so there is nothing to save.")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = manager.configs[name]
-    config.save(folder)
-    save_file(manager.state_dict(name), str(folder / WEIGHTS_NAME), metadata={"format": "pt", "base": config.base})
-    if card:
-        from .card import write_model_card
-
-        write_model_card(folder, config, manager.parameter_report(name))
-    return folder
-
-
-def read_adapter(folder: str | Path) -> tuple[MivaConfig, dict[str, torch.Tensor]]:
-    """Read an adapter folder (safetensors only: nothing is unpickled)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder '{folder}' does not exist; give a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    config = MivaConfig.load(folder)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing; the adapter folder needs {WEIGHTS_NAME} beside {CONFIG_NAME}.")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-save or re-download the adapter.") from None
-    return config, tensors
-
-
-def load_adapter(unet, folder: str | Path, name: str | None = None, base: str | None = None) -> str:
-    """Attach the adapter stored in `folder` under `name` (default: the folder's name)."""
-    folder = Path(folder)
-    config, tensors = read_adapter(folder)
-    manager = adapters_of(unet)
-    expected = manager.base if manager is not None else base
-    if expected is not None and config.base != expected:
-        raise ValueError(f"adapter '{folder.name}' was made for base '{config.base}' but the loaded base is '{expected}'.")
-    name = check_adapter_name(name or folder.name)
-    manager = attach(unet, config, name, base=base)
-    try:
-        manager.load_state_dict(name, tensors, source=f"{folder / WEIGHTS_NAME}")
-    except Exception:
-        detach(unet, name)
-        raise
-    return name

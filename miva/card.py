@@ -11,7 +11,7 @@ BASE_MODELS = {
     "animatediff-v3": ["stable-diffusion-v1-5/stable-diffusion-v1-5", "guoyww/animatediff-motion-adapter-v1-5-3"],
     "wan2.1-1.3b": ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"],
 }
-BACKENDS = {"toy-v1": "toy", "toy-v2": "toy", "toy-v3": "toy", "toy-v4": "toy"}  # base ids whose backend (`--base`, `from_base`) has another name
+BACKENDS = {"toy-v4": "toy"}  # base ids whose backend (`--base`, `from_base`) has another name
 PART_NAMES = {
     "cross_frame_attention": "Cross-frame attention (CFA, §3.3.1)",
     "implicit_prompt": "Implicit prompt (§3.3.2)",

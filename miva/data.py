@@ -4,7 +4,11 @@ The paper trains a motion adapter on ~10 clips of one motion (or, for camera mot
 5 random crops). Users hand us whatever they have: phone videos, GIFs, folders of exported frames,
 of any length and size. Everything here turns that into equal-shape (F, H, W, 3) uint8 arrays, and
 every problem becomes ONE sentence that names the file and says what to change, so a bad upload
-among ten good ones is a warning instead of a crashed training run.
+among ten good ones is a warning instead of a crashed training run. Stills become camera clips
+here too (`camera_clips_from_still`, as the paper makes its camera-motion clips).
+
+Kept as one module: every source of training clips (videos, frame folders, mask clips, stills) goes
+through the same collection and error reporting (`_collect`, `_gather`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,58 @@ import numpy as np
 import torch
 
 from .media import fit_image, load_image
-from .toy.world import CAMERA_MOTIONS, camera_clips_from_still
+
+
+CAMERA_MOTIONS = ("camera-pan-left", "camera-pan-right", "camera-zoom-in", "camera-zoom-out")
+
+
+@dataclass
+class CameraClip:
+    """frames (F, S, S, 3) uint8 cropped from a still; crop_boxes (F, 4): x0, y0, x1, y1 of each frame's
+    window in the still's pixel-edge coordinates."""
+
+    frames: np.ndarray
+    crop_boxes: np.ndarray
+
+
+def camera_clips_from_still(image: np.ndarray, motion: str, n: int, seed: int, frames: int = 16,
+                            size: int | None = None) -> list[CameraClip]:
+    """Turn ONE still (H, W, 3) uint8 into n camera clips by smooth random crops.
+
+    As the paper does for camera motions (20 stills x 5 crops): a square crop window moves
+    (pan) or shrinks/grows (zoom) linearly over the frames and is resampled (PIL bilinear, which
+    anti-aliases when shrinking) to size x size; size None = the start window's side. Pan-left
+    moves the window left (content slides right). Deterministic in all arguments.
+    """
+    from PIL import Image
+
+    if motion not in CAMERA_MOTIONS:
+        raise ValueError(f"camera_clips_from_still needs one of {CAMERA_MOTIONS}, not {motion!r}")
+    image = np.asarray(image, dtype=np.uint8)
+    (H, W), m, pil = image.shape[:2], min(image.shape[:2]), Image.fromarray(image[..., :3])
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF] + list(motion.encode()))
+    tau = np.linspace(0.0, 1.0, frames)[:, None]
+    clips = []
+    for _ in range(n):
+        if "pan" in motion:
+            side = rng.uniform(0.55, 0.75) * m
+            travel = min(rng.uniform(0.15, 0.3) * m, W - side)
+            y0 = rng.uniform(0, H - side)
+            x_left = rng.uniform(0, W - side - travel)
+            xs = (x_left + travel, x_left) if motion == "camera-pan-left" else (x_left, x_left + travel)
+            start, end = (np.array([x, y0, x + side, y0 + side]) for x in xs)
+        else:
+            big = rng.uniform(0.75, 0.95) * m
+            small = big / rng.uniform(1.3, 1.6)
+            cx, cy = rng.uniform(big / 2, W - big / 2), rng.uniform(big / 2, H - big / 2)
+            boxes = [np.array([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2]) for s in (big, small)]
+            start, end = boxes if motion == "camera-zoom-in" else boxes[::-1]
+        crop = start[None] * (1 - tau) + end[None] * tau
+        out = size or max(1, int(round(start[2] - start[0])))
+        clip_frames = np.stack([np.asarray(pil.resize((out, out), Image.Resampling.BILINEAR,
+                                                      box=tuple(float(x) for x in b))) for b in crop])
+        clips.append(CameraClip(frames=clip_frames, crop_boxes=crop))
+    return clips
 
 MAX_CLIP_BYTES = 512 * 2**20  # a single uploaded video larger than this is refused
 # A video longer than this is refused, though it would cost little: decoding is lazy and stops after

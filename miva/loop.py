@@ -27,12 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from typing import TYPE_CHECKING
-
+from .backends.base import Base, encode_frames
 from .data import clips_to_tensor
-
-if TYPE_CHECKING:
-    from .backends import Base
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -320,6 +316,4 @@ def format_eta(seconds: float) -> str:
 
 def encode_clips(encode: Callable[[torch.Tensor], torch.Tensor], clips: list[np.ndarray], chunk: int = 8) -> torch.Tensor:
     """(F, H, W, 3) uint8 clips -> (n, c, F, h, w) latents, `encode` taking (b, 3, H, W) in [-1, 1]."""
-    from .backends import encode_frames
-
     return encode_frames(encode, clips_to_tensor(clips), chunk)

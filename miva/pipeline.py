@@ -13,8 +13,10 @@ import torch
 
 from . import masks as masks_lib
 from . import schedules
-from .adapter import MivaCall, adapters_of, check_weight, detach, load_adapter
-from .backends import Base, load_base
+from .adapter import MivaCall, adapters_of, check_weight, detach
+from .adapter_files import load_adapter
+from .backends import load_base
+from .backends.base import Base
 from .catalogue import resolve_adapter
 from .data import clips_to_tensor
 from .mask_streams import MaskStreams, composite_owners

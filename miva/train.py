@@ -15,7 +15,8 @@ import torch
 
 from . import masks as masks_lib
 from . import schedules
-from .adapter import attach, check_adapter_name, detach, read_adapter, save_adapter
+from .adapter import attach, check_adapter_name, detach
+from .adapter_files import read_adapter, save_adapter
 from .config import WEIGHTS_NAME, MivaConfig
 from .mask_streams import decode_masks
 from .loop import CHECKPOINT_DIR, Part, ProgressCallback, diffusion_loss, part_rows, plot_losses, run_training

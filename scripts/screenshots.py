@@ -36,7 +36,7 @@ def objects_of(image: Path) -> np.ndarray:
     """(K, H, W) masks of the objects of a toy first frame, segmented from its background, top to bottom."""
     from PIL import Image
 
-    from miva.metrics import object_masks
+    from miva.toy.metrics import object_masks
 
     masks = object_masks(np.asarray(Image.open(image).convert("RGB"))[None])[0]
     return masks[np.argsort([np.nonzero(m)[0].mean() for m in masks])]

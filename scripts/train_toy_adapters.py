@@ -2,10 +2,9 @@
 
     python scripts/train_toy_adapters.py [--steps 400] [--clips 8] [--only move-left ...]
     python scripts/train_toy_adapters.py --masked --only move-left move-up   # the shipped M-MIVAs: adapters/NAME-masked
-    python scripts/train_toy_adapters.py --masked --from-plain --only move-up  # ... each from its motion's MIVA (not shipped)
     python scripts/train_toy_adapters.py --previews-only [--masked]  # redraw the cards' preview.gif only
 
-Each motion's clips are rendered from the toy world the shipped base was trained on (`toy_world`,
+Each motion's clips are rendered from the toy world the shipped base was trained on (`TOY_WORLD`,
 train split) to .gif files in a temporary folder (exact for these few colours; mp4's chroma
 subsampling smears 32 px edges), then `python -m miva train --base toy --clips DIR --out
 adapters/NAME` learns them, exactly as a user would with their own clips. With --masked each clip has a second object that stays
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from miva.media import save_video  # noqa: E402
-from miva.toy.base import toy_world  # noqa: E402
+from miva.toy.base import TOY_WORLD  # noqa: E402
 from miva.toy.world import make_dataset  # noqa: E402
 
 SEED0 = 1000  # the training clips' seeds: SEED0, SEED0 + 1, ...
@@ -47,14 +46,12 @@ def main() -> None:
     parser.add_argument("--masked", action="store_true", help="train M-MIVAs from the clips' object masks")
     parser.add_argument("--mask-loss-weight", type=float, default=0.1,
                         help="with --masked: the mask clips' loss weight (their sharp binary edges dwarf the video's loss at 1)")
-    parser.add_argument("--from-plain", action="store_true",
-                        help="with --masked: start each M-MIVA from the MIVA of its motion in --out (`train --init`)")
     parser.add_argument("--out", type=Path, default=ROOT / "adapters")
     parser.add_argument("--device", default=None, help="passed to `python -m miva train` (e.g. cuda)")
     parser.add_argument("--previews-only", action="store_true",
                         help="keep the trained weights; redraw each adapter's preview.gif with today's sampling defaults")
     args = parser.parse_args()
-    world = dataclasses.replace(toy_world(), **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
+    world = dataclasses.replace(TOY_WORLD, **(dict(num_objects=2, moving_objects=1) if args.masked else {}))
     if args.previews_only:
         return redraw_previews(args, world)
     for motion in args.only or MOTIONS:
@@ -69,7 +66,6 @@ def main() -> None:
                        "--out", str(args.out / name), "--steps", str(args.steps), "--batch", str(args.batch),
                        "--augment", str(args.augment)]
             command += ["--masked", "--mask-loss-weight", str(args.mask_loss_weight)] if args.masked else []
-            command += ["--init", str(args.out / motion)] if args.masked and args.from_plain else []
             command += ["--lr", str(args.lr)] if args.lr else []
             command += ["--device", args.device] if args.device else []
             print(" ".join(command[1:]), flush=True)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from miva.adapter import adapters_of, attach, check_adapter_name, detach, load_adapter, save_adapter
+from miva.adapter import adapters_of, attach, check_adapter_name, detach
+from miva.adapter_files import load_adapter, save_adapter
 from miva.config import MivaConfig
 from miva.processors import CrossFrameAttnProcessor
 

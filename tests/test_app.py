@@ -13,7 +13,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from app import MAX_UPLOAD_MB, build_app, serve  # noqa: E402
-from miva.adapter import attach, detach, save_adapter  # noqa: E402
+from miva.adapter import attach, detach  # noqa: E402
+from miva.adapter_files import save_adapter  # noqa: E402
 from miva.config import MivaConfig  # noqa: E402
 from miva.media import save_video  # noqa: E402
 from miva.studio import Studio  # noqa: E402

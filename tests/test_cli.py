@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from miva.adapter import attach, save_adapter
+from miva.adapter import attach
+from miva.adapter_files import save_adapter
 from miva.cli import build_parser, main, parse_adapter_spec
 from miva.config import MivaConfig
 

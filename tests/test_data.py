@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from miva import data
-from miva.data import ClipError, ClipSet, camera_clips, clips_to_tensor, load_clip, load_clips
+from miva.data import (CAMERA_MOTIONS, ClipError, ClipSet, camera_clips, camera_clips_from_still, clips_to_tensor,
+                       load_clip, load_clips)
 from miva.media import save_video
-from miva.toy.world import WorldConfig, make_clip
+from miva.toy.world import WorldConfig, make_clip, make_still
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +230,24 @@ def test_clips_to_tensor(toy):
     assert clips_to_tensor(ClipSet(clips=clips[:1], names=["a"])).shape == (1, 3, 4, 32, 32)
     with pytest.raises(ClipError, match="one shape"):
         clips_to_tensor([toy[:4], toy[:5]])
+
+
+def test_camera_clips_from_still():
+    still = make_still(0, WorldConfig(size=96, background="texture", num_objects=3))
+    for motion in CAMERA_MOTIONS:
+        clips = camera_clips_from_still(still, motion, n=3, seed=1, frames=8, size=32)
+        again = camera_clips_from_still(still, motion, n=3, seed=1, frames=8, size=32)
+        assert len(clips) == 3 and all(c.frames.shape == (8, 32, 32, 3) for c in clips)
+        assert all(np.array_equal(a.frames, b.frames) for a, b in zip(clips, again))
+        for c in clips:
+            box = c.crop_boxes
+            assert (box[:, :2] >= 0).all() and (box[:, 2] <= 96).all() and (box[:, 3] <= 96).all()
+            width = box[:, 2] - box[:, 0]
+            if "pan" in motion:  # pan-left: window moves left, content slides right
+                assert np.allclose(width, width[0])
+                assert (np.diff(box[:, 0]) < 0).all() == (motion == "camera-pan-left")
+            else:
+                assert (np.diff(width) < 0).all() == (motion == "camera-zoom-in")
+    assert camera_clips_from_still(still, "camera-zoom-in", 1, 0)[0].frames.shape[1] > 32  # size None
+    with pytest.raises(ValueError):
+        camera_clips_from_still(still, "move-left", 1, 0)

@@ -62,7 +62,7 @@ def down(monkeypatch, tmp_path):
     return constants.ENDPOINT
 
 
-def make_adapter(folder: Path, base="toy-v1", motion="zoom in", card=True) -> Path:
+def make_adapter(folder: Path, base="toy-v4", motion="zoom in", card=True) -> Path:
     folder.mkdir(parents=True)
     config = MivaConfig(base=base, motion=motion)
     config.save(folder)
@@ -105,11 +105,11 @@ def test_push_list_fetch_and_offline_round_trip(hub, adapter, monkeypatch):
 
     listing = mivahub.list_hub_adapters(SLUG)
     assert listing.offline is None
-    assert listing.adapters == [mivahub.HubAdapter(REPO, "zoom in", "toy-v1", None)]
+    assert listing.adapters == [mivahub.HubAdapter(REPO, "zoom in", "toy-v4", None)]
     assert list(listing.skipped) == [f"{USER}/not-an-adapter"] and "not a MIVA adapter" in listing.skipped[f"{USER}/not-an-adapter"]
     assert mivahub.list_hub_adapters(SLUG, base="animatediff-v3").adapters == []
 
-    folder = mivahub.fetch_adapter(REPO, base="toy-v1")
+    folder = mivahub.fetch_adapter(REPO, base="toy-v4")
     assert folder.is_relative_to(Path(constants.HF_HUB_CACHE))
     assert MivaConfig.load(folder) == MivaConfig.load(adapter)
     for name in (CONFIG_NAME, WEIGHTS_NAME, "preview.gif"):
@@ -118,7 +118,7 @@ def test_push_list_fetch_and_offline_round_trip(hub, adapter, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     seen = len(hub.requests)
-    assert mivahub.fetch_adapter(REPO, base="toy-v1") == folder
+    assert mivahub.fetch_adapter(REPO, base="toy-v4") == folder
     offline = mivahub.list_hub_adapters(SLUG)
     assert len(hub.requests) == seen  # offline means no request at all
     assert offline.adapters == [] and "HF_HUB_OFFLINE" in offline.offline
@@ -144,13 +144,13 @@ def test_push_writes_the_model_card_when_missing(hub, tmp_path):
 
 def test_wrong_base_names_both_bases(hub, adapter):
     mivahub.push_adapter(adapter, REPO, token=WRITE_TOKEN)
-    with pytest.raises(ValueError, match="made for base 'toy-v1' but the loaded base is 'animatediff-v3'"):
+    with pytest.raises(ValueError, match="made for base 'toy-v4' but the loaded base is 'animatediff-v3'"):
         mivahub.fetch_adapter(REPO, base="animatediff-v3")
 
 
 def test_pickle_weights_are_never_downloaded_or_unpickled(hub, tmp_path):
     marker = tmp_path / "unpickled"
-    config = MivaConfig(base="toy-v1").save(tmp_path).read_bytes()
+    config = MivaConfig(base="toy-v4").save(tmp_path).read_bytes()
     hub.put_repo(f"{USER}/old-style", {CONFIG_NAME: config, "pytorch_model.bin": evil_pickle(marker),
                                        "adapter_model.pt": evil_pickle(marker)})
     with pytest.raises(FileNotFoundError, match=f"has no {WEIGHTS_NAME} \\(it has adapter_model.pt, pytorch_model.bin\\)"):
@@ -194,9 +194,9 @@ def test_hub_down_gives_offline_listing_and_clear_fetch_error(down):
 
 
 def test_private_or_broken_repos_are_skipped_not_offline(hub, tmp_path):
-    config = MivaConfig(base="toy-v1").save(tmp_path).read_bytes()
+    config = MivaConfig(base="toy-v4").save(tmp_path).read_bytes()
     hub.put_repo(f"{USER}/private", {CONFIG_NAME: config}, private=True)
-    hub.put_repo(f"{USER}/newer", {CONFIG_NAME: b'{"base": "toy-v1", "format_version": 99}'})
+    hub.put_repo(f"{USER}/newer", {CONFIG_NAME: b'{"base": "toy-v4", "format_version": 99}'})
     hub.put_repo(f"{USER}/fine", {CONFIG_NAME: config})
     for repo_id in ("private", "gone", "newer", "fine"):
         hub.add_to_collection(SLUG, f"{USER}/{repo_id}")

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from miva import masks as masks_lib
-from miva.adapter import adapters_of, attach, load_adapter
+from miva.adapter import adapters_of, attach
+from miva.adapter_files import load_adapter
 from miva.backends import load_base, meta_unet
 from miva.cli import main
 from miva.config import WEIGHTS_NAME, MivaConfig
@@ -179,7 +180,7 @@ def test_masked_adapters_are_refused_on_wan():
 
 def test_an_m_miva_can_start_from_a_trained_miva(tiny_base, tmp_path):
     """`init`: the MIVA's parts are copied, and the mask stream's twin CFA starts as the video's CFA."""
-    from miva.adapter import save_adapter
+    from miva.adapter_files import save_adapter
     from miva.train import start_from
 
     manager = attach(tiny_base.unet, MivaConfig(base="tiny"), "plain")

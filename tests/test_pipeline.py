@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from miva.adapter import attach, save_adapter
+from miva.adapter import attach
+from miva.adapter_files import save_adapter
 from miva.config import MivaConfig
 from miva.catalogue import resolve_adapter
 

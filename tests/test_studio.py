@@ -31,7 +31,8 @@ def test_a_stop_from_another_process_reaches_the_run(pipe, tmp_path):
 
 
 def test_an_m_miva_without_its_subject_says_where_to_give_it(pipe, tmp_path, first_frame):
-    from miva.adapter import attach, save_adapter
+    from miva.adapter import attach
+    from miva.adapter_files import save_adapter
     from miva.config import MivaConfig
 
     shipped = tmp_path / "adapters"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from miva.toy import (CAMERA_MOTIONS, DIRECTIONS, MOTIONS, WorldConfig, camera_clips_from_still,
+from miva.toy import (DIRECTIONS, MOTIONS, WorldConfig,
                       heldout_stills, make_clip, make_dataset, make_still)
 
 RICH = WorldConfig(num_objects=3, background="texture", object_texture=True)
@@ -155,27 +155,6 @@ def test_heldout_colours_and_shapes_are_disjoint_from_train():
     assert bins["train"] and bins["heldout"] and not bins["train"] & bins["heldout"]
     assert shapes["train"] <= set(cfg.shapes) and shapes["heldout"] <= set(cfg.heldout_shapes)
     assert not shapes["train"] & shapes["heldout"]
-
-
-def test_camera_clips_from_still():
-    still = make_still(0, WorldConfig(size=96, background="texture", num_objects=3))
-    for motion in CAMERA_MOTIONS:
-        clips = camera_clips_from_still(still, motion, n=3, seed=1, frames=8, size=32)
-        again = camera_clips_from_still(still, motion, n=3, seed=1, frames=8, size=32)
-        assert len(clips) == 3 and all(c.frames.shape == (8, 32, 32, 3) for c in clips)
-        assert all(np.array_equal(a.frames, b.frames) for a, b in zip(clips, again))
-        for c in clips:
-            box = c.params["crop_boxes"]
-            assert (box[:, :2] >= 0).all() and (box[:, 2] <= 96).all() and (box[:, 3] <= 96).all()
-            width = box[:, 2] - box[:, 0]
-            if "pan" in motion:  # pan-left: window moves left, content slides right
-                assert np.allclose(width, width[0])
-                assert (np.diff(box[:, 0]) < 0).all() == (motion == "camera-pan-left")
-            else:
-                assert (np.diff(width) < 0).all() == (motion == "camera-zoom-in")
-    assert camera_clips_from_still(still, "camera-zoom-in", 1, 0)[0].frames.shape[1] > 32  # size None
-    with pytest.raises(ValueError):
-        camera_clips_from_still(still, "move-left", 1, 0)
 
 
 def test_bad_arguments_raise():

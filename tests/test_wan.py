@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from miva.adapter import attach, detach, load_adapter, save_adapter
+from miva.adapter import attach, detach
+from miva.adapter_files import load_adapter, save_adapter
 from miva.backends import load_base, meta_unet, wan
 from miva.cli import main
 from miva.config import MivaConfig

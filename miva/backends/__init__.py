@@ -5,156 +5,17 @@ motion adapter from the Hub), `wan2.1-1.3b` (Wan2.1-T2V-1.3B, a DiT with a causa
 `tiny` / `tiny-wan` (tiny random models of the same classes, for tests and offline smoke runs; their
 videos are noise).
 
-`Base` is written for UNet bases with an image VAE and a DDPM-family scheduler; a backend whose model
-differs overrides only where it differs (`miva.backends.wan.WanBase`): how frames map to latent
-frames, how clips are encoded and decoded, how the denoiser is called, and the noise schedule.
+`Base` (`miva.backends.base`) is what every backend builds; this module picks the backend, the
+device and the dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
-from einops import rearrange
 
+from .base import Base, encode_frames
 
-@dataclass
-class Base:
-    """A loaded base video model. `id` is what adapters record and are checked against."""
-
-    id: str
-    unet: torch.nn.Module  # the frozen denoiser: UNetMotionModel (or WanTransformer3DModel, see WanBase)
-    vae: torch.nn.Module  # AutoencoderKL-like: encode(x).latent_dist, decode(z).sample
-    scheduler: object  # a diffusers scheduler (DDIM by default)
-    null_prompt_embeds: torch.Tensor  # (1, tokens, d): the empty prompt; MIVAs replace text (§3.3.2)
-    height: int  # default frame size in pixels
-    width: int
-    frames: int = 16
-    description: str = ""
-    vae_scale_factor: int = 0  # pixels per latent pixel; 0: derived from an AutoencoderKL config
-    concat_first_frame: bool = False  # the UNet also takes the clean first-frame latent as input channels
-    residual_to_first_frame: bool = False  # x0-predicting UNet outputs the offset from the first frame
-    encode_prompts: Callable[[list[str]], torch.Tensor] | None = None  # kept only where text is cheap (the toy base)
-    # DCTInit (paper B.3.1) unless a call says otherwise. Off where it only holds the picture still:
-    # on a zero-terminal-SNR schedule x_975 keeps ~0.6% of the first frame, so DCTInit carries almost
-    # none of it and just gives every frame the same low-frequency noise (see `load_toy`).
-    dct_init: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.vae_scale_factor:
-            self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if self.residual_to_first_frame and self.scheduler.config.prediction_type != "sample":
-            raise ValueError("residual_to_first_frame needs a scheduler with prediction_type='sample'.")
-
-    def model_input(self, latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """The UNet's input for (b, c, f, h, w) latents and the (b, c, h, w) clean first-frame latent."""
-        if not self.concat_first_frame:
-            return latents
-        return torch.cat([latents, first[:, :, None].expand_as(latents)], dim=1)
-
-    def model_output(self, prediction: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """The scheduler's prediction from the UNet's output (identity unless residual_to_first_frame)."""
-        return prediction + first[:, :, None] if self.residual_to_first_frame else prediction
-
-    # -- frames and latents (image VAE: one latent frame per frame) -------------------------------
-    def latent_frames(self, frames: int) -> int:
-        return frames
-
-    def frame_limits(self) -> tuple[int, int]:
-        """The smallest and largest frame count the denoiser takes (its temporal position table)."""
-        return 2, getattr(self.unet.config, "motion_max_seq_length", None) or 32
-
-    frame_step = 1  # valid frame counts are low, low + frame_step, ... (a UI slider's step)
-
-    def check_frames(self, frames) -> int:
-        low, high = self.frame_limits()
-        if not isinstance(frames, int) or not low <= frames <= high:
-            raise ValueError(f"num_frames is {frames}; ask for {low} to {high} frames (the base's limit).")
-        return frames
-
-    @property
-    def size_multiple(self) -> int:
-        """Frame sizes must be multiples of this (VAE downsampling x the UNet's downsampling)."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) in [-1, 1] -> (b, c, h, w) scaled latents."""
-        latent = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
-        return latent * self.vae.config.scaling_factor
-
-    def encode_video(self, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """(n, 3, F, H, W) in [-1, 1] -> (n, c, latent_frames(F), h, w) scaled latents."""
-        return encode_frames(self.encode_image, pixels, chunk)
-
-    def decode_video(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """(1, c, f, h, w) latents -> (F, 3, H, W) pixels in [-1, 1], a few frames at a time."""
-        frames = latents[0].transpose(0, 1) / self.vae.config.scaling_factor  # (f, c, h, w)
-        return torch.cat([self.vae.decode(frames[i : i + chunk].to(self.vae.dtype)).sample
-                          for i in range(0, len(frames), chunk)])
-
-    def latent_regions(self, regions: torch.Tensor) -> torch.Tensor:
-        """(F, H, W) per-frame region weights -> (latent_frames(F), H, W)."""
-        return regions
-
-    # -- the denoiser and its noise schedule (DDPM family) --------------------------------------
-    def prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
-        """(len(prompts), tokens, d) text embeddings; MIVAs never need them (they run on the empty prompt)."""
-        if all(not p for p in prompts):
-            return self.null_prompt_embeds.expand(len(prompts), -1, -1)
-        if self.encode_prompts is None:
-            raise ValueError(f"base '{self.id}' was loaded without its text encoder; leave the prompt empty.")
-        return self.encode_prompts(prompts)
-
-    def denoise(self, model_input: torch.Tensor, timestep, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The denoiser's raw output for (b, c, f, h, w) input and one prompt, or one per clip;
-        UNetMotionModel wants prompts per frame."""
-        b, f = model_input.shape[0], model_input.shape[2]
-        embeds = (prompt_embeds.expand(b * f, -1, -1) if prompt_embeds.shape[0] == 1
-                  else prompt_embeds.repeat_interleave(f, dim=0))  # (b f, tokens, d)
-        return self.unet(model_input, timestep, encoder_hidden_states=embeds).sample
-
-    def noise_levels(self, timesteps: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(signal, noise) scales of x_t = signal x_0 + noise eps at these timesteps."""
-        alpha_bar = self.scheduler.alphas_cumprod[torch.as_tensor(timesteps, device="cpu").long()]
-        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-
-    def predicted_sample(self, prediction: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """The one-step estimate of x_0 from the scheduler's prediction at x_t (M-MIVA's mask proxy, §3.4.2)."""
-        signal, noise = (x.to(sample) for x in self.noise_levels(timestep))
-        kind = self.scheduler.config.prediction_type
-        if kind == "sample":
-            return prediction
-        if kind == "v_prediction":
-            return signal * sample - noise * prediction
-        return (sample - noise * prediction) / signal
-
-    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
-
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(latents, noise, timesteps)
-
-    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        kind = self.scheduler.config.prediction_type
-        if kind == "v_prediction":
-            return self.scheduler.get_velocity(latents, noise, timesteps)
-        return {"sample": latents, "epsilon": noise}[kind]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-
-def encode_frames(encode_image, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """(n, 3, F, H, W) -> (n, c, F, h, w) with an image encoder taking (b, 3, H, W), `chunk` frames at a time."""
-    frames = rearrange(pixels, "n c f h w -> (n f) c h w")
-    latents = torch.cat([encode_image(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
-    return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
+__all__ = ["BASES", "Base", "default_device", "default_dtype", "encode_frames", "load_base", "meta_unet"]
 
 
 BASES = ("toy", "animatediff-v3", "wan2.1-1.3b", "tiny", "tiny-wan")

@@ -15,7 +15,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-from . import Base
+from .base import Base
 
 BASE_ID = "animatediff-v3"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

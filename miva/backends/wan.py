@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-from . import Base
+from .base import Base
 from .animatediff import quiet_diffusers
 
 BASE_ID = "wan2.1-1.3b"

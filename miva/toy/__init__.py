@@ -7,7 +7,6 @@ from .world import (
     OBJECT_MOTIONS,
     Clip,
     WorldConfig,
-    camera_clips_from_still,
     heldout_stills,
     make_clip,
     make_dataset,
@@ -16,5 +15,5 @@ from .world import (
 
 __all__ = [
     "CAMERA_MOTIONS", "DIRECTIONS", "MOTIONS", "OBJECT_MOTIONS", "Clip", "WorldConfig",
-    "camera_clips_from_still", "heldout_stills", "make_clip", "make_dataset", "make_still",
+    "heldout_stills", "make_clip", "make_dataset", "make_still",
 ]

@@ -1,11 +1,11 @@
 """Toy world: seeded synthetic clips of simple shapes moving in known ways.
 
 No real video model can be downloaded here, so a tiny video diffusion model is trained on these
-clips and the motions it learns are measured from its frames (`miva.metrics`). A tiny model cannot
+clips and the motions it learns are measured from its frames (`miva.toy.metrics`). A tiny model cannot
 draw clean objects on busy worlds, so the world is parametric (`WorldConfig`) and defaults to the
 simplest one: one flat-coloured shape on a flat background.
 
-Conventions (shared with `miva.metrics`):
+Conventions (shared with `miva.toy.metrics`):
 - Coordinates are (x, y) in pixels, x to the right, y DOWN; pixel (row i, col j) has its centre
   at (x=j, y=i).
 - Angles are degrees, positive = CLOCKWISE AS SEEN ON SCREEN (with y down, the usual rotation
@@ -39,11 +39,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..data import CAMERA_MOTIONS
+
 DIRECTIONS = {"move-left": (-1, 0), "move-right": (1, 0), "move-up": (0, -1), "move-down": (0, 1),
               "move-up-left": (-1, -1), "move-up-right": (1, -1), "move-down-left": (-1, 1),
               "move-down-right": (1, 1)}  # unit (dx, dy) on screen, y down
 OBJECT_MOTIONS = tuple(DIRECTIONS) + ("rotate-cw", "rotate-ccw", "scale-up", "scale-down", "bounce")
-CAMERA_MOTIONS = ("camera-pan-left", "camera-pan-right", "camera-zoom-in", "camera-zoom-out")
 MOTIONS = OBJECT_MOTIONS + CAMERA_MOTIONS + ("random",)
 # Bounding-circle radius of each shape in units of its half-width (for keeping objects in frame).
 SHAPE_EXTENT = {"square": 2 ** 0.5, "circle": 1.0, "triangle": 1.15, "diamond": 1.2, "hexagon": 1.1, "cross": 1.08}
@@ -390,45 +391,3 @@ def make_dataset(motion: str, n: int, seed0: int = 0, config: WorldConfig = Worl
                  split: str = "train") -> list[Clip]:
     """n clips of `motion` with seeds seed0, seed0 + 1, ..."""
     return [make_clip(motion, seed0 + i, config, split) for i in range(n)]
-
-
-def camera_clips_from_still(image: np.ndarray, motion: str, n: int, seed: int, frames: int = 16,
-                            size: int | None = None) -> list[Clip]:
-    """Turn ONE still (H, W, 3) uint8 into n camera clips by smooth random crops.
-
-    As the paper does for camera motions (20 stills x 5 crops): a square crop window moves
-    (pan) or shrinks/grows (zoom) linearly over the frames and is resampled (PIL bilinear, which
-    anti-aliases when shrinking) to size x size; size None = the start window's side. Pan-left
-    moves the window left (content slides right). params["crop_boxes"]: (F, 4) x0, y0, x1, y1 in
-    image pixel-edge coordinates, params["index"]: i of n. Deterministic in all arguments.
-    """
-    from PIL import Image
-
-    if motion not in CAMERA_MOTIONS:
-        raise ValueError(f"camera_clips_from_still needs one of {CAMERA_MOTIONS}, not {motion!r}")
-    image = np.asarray(image, dtype=np.uint8)
-    (H, W), m, pil = image.shape[:2], min(image.shape[:2]), Image.fromarray(image[..., :3])
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF] + list(motion.encode()))
-    tau = np.linspace(0.0, 1.0, frames)[:, None]
-    clips = []
-    for i in range(n):
-        if "pan" in motion:
-            side = rng.uniform(0.55, 0.75) * m
-            travel = min(rng.uniform(0.15, 0.3) * m, W - side)
-            y0 = rng.uniform(0, H - side)
-            x_left = rng.uniform(0, W - side - travel)
-            xs = (x_left + travel, x_left) if motion == "camera-pan-left" else (x_left, x_left + travel)
-            start, end = (np.array([x, y0, x + side, y0 + side]) for x in xs)
-        else:
-            big = rng.uniform(0.75, 0.95) * m
-            small = big / rng.uniform(1.3, 1.6)
-            cx, cy = rng.uniform(big / 2, W - big / 2), rng.uniform(big / 2, H - big / 2)
-            boxes = [np.array([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2]) for s in (big, small)]
-            start, end = boxes if motion == "camera-zoom-in" else boxes[::-1]
-        crop = start[None] * (1 - tau) + end[None] * tau
-        out = size or max(1, int(round(start[2] - start[0])))
-        clip_frames = np.stack([np.asarray(pil.resize((out, out), Image.Resampling.BILINEAR,
-                                                      box=tuple(float(x) for x in b))) for b in crop])
-        clips.append(Clip(frames=clip_frames, masks=np.zeros((frames, 0, out, out), bool), motion=motion,
-                          params=dict(crop_boxes=crop, source_shape=(H, W), index=i), seed=seed))
-    return clips
