@@ -1,28 +1,38 @@
 """The tree itself: pushable to a Hugging Face Space, no import circle, modules of a readable size."""
 
 import ast
+import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "miva"
-MAX_BYTES = 10 * 1024 * 1024  # a Space refuses larger files outside LFS
 MAX_LINES = 400
 LONG_REASON = "Kept as one module"  # a longer module's docstring says why, starting with these words
 
 
-def tracked_files() -> list[Path]:
-    try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):  # not a git checkout: everything outside hidden folders
-        return [p for p in ROOT.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
-    return [ROOT / name for name in out.decode().split("\0") if name]
+def push_space():
+    spec = importlib.util.spec_from_file_location("push_space", ROOT / "scripts" / "push_space.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_no_tracked_file_is_over_10_mb():
-    big = [f"{p.relative_to(ROOT)} ({p.stat().st_size / 2**20:.1f} MB)" for p in tracked_files()
-           if p.is_file() and p.stat().st_size > MAX_BYTES]
-    assert not big, f"files a Space would refuse: {big}"
+def test_the_tree_pushes_to_a_space_as_it_is():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "push_space.py"), "--dry-run"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr  # no tracked file over 10 MB
+
+
+def test_a_file_over_10_mb_stops_the_push_before_it_starts(tmp_path, monkeypatch):
+    script = push_space()
+    (tmp_path / "weights.safetensors").write_bytes(b"\0" * (script.MAX_BYTES + 1))
+    (tmp_path / "app.py").write_text("")
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    monkeypatch.setattr(script, "tracked_files", lambda: ["app.py", "weights.safetensors"])
+    assert script.too_big(["app.py", "weights.safetensors"]) == ["weights.safetensors (10.0 MB)"]
+    assert script.main(["--repo", "you/space"]) == 1  # refused before any network call
 
 
 def module_name(path: Path) -> str:
