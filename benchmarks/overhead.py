@@ -5,6 +5,7 @@
     python benchmarks/overhead.py --config wan-mid      # Wan2.1 1.3B blocks, 4 of 30 layers, 17x240x416 (CPU)
     python benchmarks/overhead.py --config wan-full     # Wan2.1-T2V-1.3B at 17x480x832 (GPU)
     python benchmarks/overhead.py --config full --masked  # M-MIVA sampling with and without the mask cache
+    python benchmarks/overhead.py --config full --compile  # both denoisers under torch.compile
 
 The base and base+MIVA denoisers (random weights: values do not change cost) run interleaved in one
 process, so machine noise hits both alike. The FLOP ratio of the same two models on the same input
@@ -232,25 +233,26 @@ def pipelines(name, models, device, dtype) -> list[MivaPipeline]:
     return pipes
 
 
-def time_calls(calls, device, repeats) -> list[float]:
-    """Median seconds of each zero-argument call, interleaved."""
+def time_calls(calls, device, repeats, warmup=0) -> list[float]:
+    """Median seconds of each zero-argument call, interleaved, after `warmup` untimed rounds."""
     times = [[] for _ in calls]
-    for _ in range(repeats):
+    for r in range(warmup + repeats):
         for i, call in enumerate(calls):
             sync(device)
             start = time.perf_counter()
             call()
             sync(device)
-            times[i].append(time.perf_counter() - start)
+            if r >= warmup:
+                times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
 
-def time_sampling(name, models, device, dtype, steps, repeats) -> list[float]:
+def time_sampling(name, models, device, dtype, steps, repeats, warmup=0) -> list[float]:
     """Median seconds of a whole image-to-video call (VAE encode, `steps` sampler steps, decode)."""
     pipes = pipelines(name, models, device, dtype)
     image = torch.rand(3, pipes[0].base.height, pipes[0].base.width)
     return time_calls([lambda pipe=pipe: pipe(image, num_inference_steps=steps, seed=0) for pipe in pipes], device,
-                      repeats)
+                      repeats, warmup)
 
 
 def time_mask_cache(name, device, dtype, steps, repeats) -> list[float]:
@@ -301,6 +303,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the smallest latents: a quick smoke run of the script")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs and kernels on the meta device and stop")
     parser.add_argument("--masked", action="store_true", help="time M-MIVA calls with and without the mask cache")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both denoisers (timed after compiling)")
     args = parser.parse_args()
     if args.masked and args.config in WAN:
         parser.error("--masked times M-MIVA, which runs on the UNet configs (mid, full).")
@@ -330,9 +333,12 @@ def main() -> None:
     base = build(args.config, device, dtype, miva=False)
     miva = (copy.deepcopy(base[0]), base[1], base[2])
     add_miva(miva[0], args.config)
+    if args.compile:
+        for unet in (base[0], miva[0]):
+            unet.compile(dynamic=False)
     f, h, w = base[1].shape[2:]
     machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"config {args.config}: latents {f}x{h}x{w}, {dtype}, {machine}")
+    print(f"config {args.config}: latents {f}x{h}x{w}, {dtype}, {machine}{', compiled' if args.compile else ''}")
     print(counts)
 
     step_base, step_miva = time_steps([base, miva], device, args.repeats)
@@ -340,7 +346,7 @@ def main() -> None:
           f"(median of {args.repeats}, interleaved)")
     if args.sampling_steps:
         sample_base, sample_miva = time_sampling(args.config, [base, miva], device, dtype, args.sampling_steps,
-                                                 args.sampling_repeats)
+                                                 args.sampling_repeats, warmup=int(args.compile))
         print(f"sampling ({args.sampling_steps} steps + VAE): base {sample_base:.2f} s, +MIVA {sample_miva:.2f} s, "
               f"end-to-end ratio {sample_miva / sample_base:.3f}")
     del base, miva

@@ -66,6 +66,8 @@ def cmd_animate(args) -> int:
 
                 value = text_mask(args.image, value)
             masks[name] = value
+    if args.compile:
+        pipe.compile()
     start = time.perf_counter()
     out = pipe(
         args.image, adapters=weights, num_frames=args.frames, num_inference_steps=args.steps, seed=args.seed,
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a mix with M-MIVAs: one pass per M-MIVA, composited by subject (default), or one shared pass (eq. S4)")
     animate.add_argument("--base", default="toy", choices=BASE_CHOICES)
     animate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    animate.add_argument("--compile", action="store_true", help="torch.compile the denoiser (pays off over many steps)")
     animate.set_defaults(run=cmd_animate)
 
     segment = sub.add_parser("segment", help="a mask of what a phrase names in an image (Grounding DINO + SAM 2)")

@@ -165,3 +165,15 @@ def test_adapter_names_resolve_inside_the_adapters_folder(tmp_path):
             resolve_adapter(name, search=(tmp_path / "sub",), allow_paths=False)
     with pytest.raises(FileNotFoundError, match="known adapters: zoom"):
         resolve_adapter("spin", search=(tmp_path,))
+
+
+@pytest.mark.slow
+def test_a_compiled_denoiser_samples_what_the_eager_one_does(pipe, first_frame):
+    manager = attach(pipe.base.unet, MivaConfig(base=pipe.base.id), "left")
+    randomize(manager.parameters("left"))
+    eager = pipe(first_frame, seed=0, **FAST).frames
+    pipe.compile()
+    compiled, again = (pipe(first_frame, seed=0, **FAST).frames for _ in range(2))
+    assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1 and np.array_equal(compiled, again)
+    assert np.array_equal(pipe(first_frame, seed=0, adapters={"left": 0.0}, **FAST).frames,
+                          pipe(first_frame, seed=0, adapters={}, **FAST).frames)  # weights change: recompiled, exact
