@@ -22,8 +22,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from .card import PART_NAMES, part_of
 from .config import MivaConfig
 from .context import MivaContext
-from .processors import (CrossFrameAttnProcessor, ImplicitPromptProcessor, TemporalBiasProcessor,
-                         WanCrossFrameAttnProcessor, WanImplicitPromptProcessor)
+from .processors import CrossFrameAttnProcessor, ImplicitPromptProcessor, TemporalBiasProcessor
+from .wan_processors import WanCrossFrameAttnProcessor, WanImplicitPromptProcessor
 
 MAX_WEIGHT = 2.0  # adapter weights live in [0, MAX_WEIGHT]; 1 is the adapter as trained
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
