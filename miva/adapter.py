@@ -243,9 +243,6 @@ class MivaAdapters:
             raise ValueError(f"an adapter named '{name}' is already attached; detach it or pick another name.")
         if config.base != self.base:
             raise ValueError(f"this adapter was made for base '{config.base}' but the loaded base is '{self.base}'.")
-        if config.masked and self.layout is _WAN:
-            raise ValueError(f"M-MIVA (masked) adapters are not available on base '{self.base}' yet; "
-                             "train a plain MIVA (masked=False) for it.")
         if config.temporal_lora_rank and not self.layout.temporal_lora:
             raise ValueError(f"base '{self.base}' has no temporal attention modules for a temporal LoRA (its attention "
                              f"is 3-D); use temporal_lora_rank=0, as MivaConfig.for_base('{self.base}') does.")
@@ -256,7 +253,7 @@ class MivaAdapters:
                 if config.cross_frame_attention:
                     processor.add_adapter(name, attn, temb_dim, config.cfa_rank, config.cfa_temperature, config.masked)
             elif isinstance(processor, ImplicitPromptProcessor) and config.implicit_prompt_rank:
-                processor.add_adapter(name, attn, config.implicit_prompt_rank)
+                processor.add_adapter(name, attn, config.implicit_prompt_rank, config.masked)
         if config.temporal_lora_rank:
             lora = LoraConfig(
                 r=config.temporal_lora_rank,
@@ -283,8 +280,9 @@ class MivaAdapters:
         if name not in self.configs:
             raise KeyError(f"no adapter named '{name}' is attached; attached: {sorted(self.configs) or 'none'}.")
         for processor in self._processors.values():
-            if name in processor.adapters:
-                del processor.adapters[name]
+            for modules in (processor.adapters, processor.mask_adapters):
+                if name in modules:
+                    del modules[name]
         for layer in self._lora_layers():
             if name in layer.lora_A:
                 layer.delete_adapter(name)

@@ -146,6 +146,15 @@ class MivaContext:
         return self._cached(("self_bias", self._active_names(), tokens, dtype),
                             lambda: masks.self_attention_bias(subjects).to(dtype))
 
+    def joint_bias(self, tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The video stream's 3-D self-attention bias over all latent frames' tokens (Wan), (b, 1, F n, F n)
+        for `tokens` n per frame (`masks.joint_attention_bias`), or None without M-MIVAs."""
+        subjects = self._subjects_at(tokens)
+        if subjects is None:
+            return None
+        return self._cached(("joint_bias", self._active_names(), tokens, dtype),
+                            lambda: masks.joint_attention_bias(subjects).to(dtype))
+
     def temporal_bias(self, rows: int, total: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """The temporal self-attention (t-SA) bias of a motion module's `total` rows, of which the first
         `rows` are the video's (biased, `masks.temporal_attention_bias`) and the rest the mask clips'

@@ -70,7 +70,7 @@ class MaskStreams:
         pixels[:, 0] = self.first_pixels.to(pixels)
         change = None if self.pixels is None else float((pixels - self.pixels).abs().mean())
         self.pixels = pixels
-        subjects = masks_lib.to_latent_grid(pixels, *sample.shape[-2:]).to(self.subjects)
+        subjects = masks_lib.to_latent_grid(base.latent_subjects(pixels), *sample.shape[-2:]).to(self.subjects)
         subjects[:, 0] = self.subjects[:, 0]  # frame 0 stays the given mask
         self.subjects = subjects
         self.passes += 1

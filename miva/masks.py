@@ -130,6 +130,16 @@ def self_attention_bias(subjects: list[torch.Tensor | None]) -> torch.Tensor:
     return rearrange(bias(labels, labels), "b f n m -> (b f) 1 n m")
 
 
+def joint_attention_bias(subjects: list[torch.Tensor | None]) -> torch.Tensor:
+    """The video's 3-D self-attention bias over all F n tokens of a clip at once (Wan's attention:
+    every latent frame's tokens, frame-major), (b, 1, F n, F n): the rule of `self_attention_bias`
+    between any two tokens (p, i) and (q, j) (eq. 3 defines M^(i, j) across frames too), so block
+    (i, j) is frame i's tokens against frame j's and the diagonal blocks are `self_attention_bias`."""
+    labels, bias = attention_labels(subjects)
+    labels = rearrange(labels, "b f n -> b (f n)")
+    return bias(labels, labels)[:, None]
+
+
 def temporal_attention_bias(subjects: list[torch.Tensor | None]) -> torch.Tensor:
     """The video's temporal self-attention (t-SA) bias between the frames of one pixel, (b n, 1, F, F):
     the rule of `self_attention_bias`, so a pixel that leaves the subject stops attending to its
@@ -145,6 +155,20 @@ def cross_frame_bias(subject: torch.Tensor) -> torch.Tensor:
     previous = torch.cat([subject[:, :1], subject[:, :-1]], dim=1)
     keys = torch.cat([subject[:, :1].expand_as(subject), previous], dim=-1)  # (b, F, 2n)
     return rearrange(mask_bias(subject, keys), "b f n m -> (b f) 1 n m")
+
+
+def latent_frame_union(masks: torch.Tensor, factor: int) -> torch.Tensor:
+    """(..., F, H, W) per-frame subject masks -> (..., (F - 1) / factor + 1, H, W) for a causal video VAE
+    that encodes frame 0 alone and each later group of `factor` frames as one latent frame (Wan: 4).
+
+    A latent frame's mask is the union (the maximum) of its frames' masks: a latent token holds the
+    subject if any of the frames it encodes does, so the background of a latent frame is background in
+    all of them (the mean would call a token the subject passes through half background)."""
+    frames = masks.shape[-3]
+    if (frames - 1) % factor:
+        raise ValueError(f"{frames} mask frames do not group into latent frames of {factor}; give {factor}k+1 frames.")
+    rest = masks[..., 1:, :, :].unflatten(-3, (-1, factor)).amax(dim=-3)
+    return torch.cat([masks[..., :1, :, :], rest], dim=-3)
 
 
 def token_grid(height: int, width: int, tokens: int) -> tuple[int, int]:

@@ -158,8 +158,9 @@ def _cfa_heads(ref: torch.Tensor) -> torch.Tensor:
 
 
 class _MivaProcessor(nn.Module):
-    """What every MIVA processor holds: the stock processor it replaced, the shared context, and its
-    adapters' modules by name. `check` refuses attention layers the processor cannot serve."""
+    """What every MIVA processor holds: the stock processor it replaced, the shared context, its
+    adapters' modules by name and the M-MIVAs' mask-stream twins (`mask_adapters`, §3.4). `check`
+    refuses attention layers the processor cannot serve."""
 
     check = staticmethod(_check_plain_attention)
 
@@ -169,6 +170,16 @@ class _MivaProcessor(nn.Module):
         self.stock = stock  # the processor we replaced: used as-is when no adapter is active
         self.context = context
         self.adapters = nn.ModuleDict()
+        self.mask_adapters = nn.ModuleDict()
+
+    def stream_modules(self, stream: str | None, active: list) -> list[tuple[str, nn.Module, float]]:
+        """What acts on one stream of a joint pass: every `active` adapter on the video (None); on an
+        M-MIVA's mask clip its mask-stream twin only, and nothing where this layer has no twin."""
+        if stream is None:
+            return active
+        if stream in self.mask_adapters:
+            return [(stream, self.mask_adapters[stream], self.context.weights.get(stream, 0.0))]
+        return []
 
 
 def _cfa(adapter, cfa_query, cfa_key, ref_value, clip_temb, bias=None) -> torch.Tensor:
@@ -187,10 +198,6 @@ class CrossFrameAttnProcessor(_MivaProcessor):
     (`mask_adapters[name]`, initialised identically to the video's) that runs on its mask clip in a
     joint pass, while the video stream's self-attention and CFA are biased by the subject masks.
     """
-
-    def __init__(self, attn, stock, context: MivaContext):
-        super().__init__(attn, stock, context)
-        self.mask_adapters = nn.ModuleDict()
 
     def add_adapter(self, name: str, attn, temb_dim: int, rank: int | None, temperature: float,
                     masked: bool = False) -> None:
@@ -231,13 +238,7 @@ class CrossFrameAttnProcessor(_MivaProcessor):
         for s, stream in enumerate(streams):
             part = slice(s * rows, (s + 1) * rows)
             clips = slice(s * rows // num_frames, (s + 1) * rows // num_frames)
-            if stream is None:  # the video: every active adapter, biased by its subject mask
-                modules = active
-            elif stream in self.mask_adapters:  # an M-MIVA's mask clip: its mask-stream CFA only
-                modules = [(stream, self.mask_adapters[stream], context.weights.get(stream, 0.0))]
-            else:
-                modules = []
-            for name, adapter, weight in modules:
+            for name, adapter, weight in self.stream_modules(stream, active):  # the video's biased by S
                 bias = context.cross_bias(name, n, query.dtype) if stream is None else None
                 cfa_query = _split_heads(adapter.query(hidden_states[part], query[part]), attn.heads)
                 cfa = _cfa(adapter, cfa_query, cfa_key[part], ref_value[clips], clip_temb[clips], bias)
@@ -268,12 +269,19 @@ class ImplicitPromptProcessor(_MivaProcessor):
 
     Keeping the base's empty-prompt cross-attention (rather than dropping it) makes an untrained or
     weight-0 adapter reproduce the base exactly; the implicit prompt is learned on top of it.
+    On the UNet an M-MIVA's mask clip meets the video's implicit prompt (its mask stream is the CFA's
+    twins, §3.4); `mask_stream_twin` processors give it a twin of its own (Wan, see `miva.wan_processors`).
     """
 
-    def add_adapter(self, name: str, attn, rank: int) -> None:
+    mask_stream_twin = False
+
+    def add_adapter(self, name: str, attn, rank: int, masked: bool = False) -> None:
         weight = attn.to_q.weight
         out_dim = attn.to_out[0].out_features
         self.adapters[name] = ImplicitPrompt(weight.shape[0], out_dim, rank, device=weight.device, dtype=weight.dtype)
+        if masked and self.mask_stream_twin:
+            self.mask_adapters[name] = ImplicitPrompt(weight.shape[0], out_dim, rank, device=weight.device, dtype=weight.dtype)
+            self.mask_adapters[name].load_state_dict(self.adapters[name].state_dict())  # identical pair
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         active = self.context.active(self.adapters)

@@ -57,7 +57,8 @@ class MaskTraining:
                   for m in masks]
         self.latents = pipe.encode_clips(pixels)  # (n, c, f, h, w)
         grid = self.latents.shape[-2:]
-        self.truth = masks_lib.to_latent_grid(torch.from_numpy(np.stack(masks)).float(), *grid).to(self.latents)
+        truth = pipe.base.latent_subjects(torch.from_numpy(np.stack(masks)).float())  # (n, latent frames, H, W)
+        self.truth = masks_lib.to_latent_grid(truth, *grid).to(self.latents)
 
     def loss(self, latents: torch.Tensor, index: torch.Tensor, generator: torch.Generator, step: int,
              part: Part | None = None) -> torch.Tensor:
@@ -81,7 +82,7 @@ class MaskTraining:
                     x0 = base.predicted_sample(out[b:], noisy[b:], t[b:].reshape(-1, *[1] * (noisy.ndim - 1)))
                     x0[:, :, 0] = first[b:]
                     decoded = torch.stack([decode_masks(base, x0[k : k + 1]) for k in range(b)])
-                    subjects = masks_lib.to_latent_grid(decoded, *noisy.shape[-2:]).to(truth)
+                    subjects = masks_lib.to_latent_grid(base.latent_subjects(decoded), *noisy.shape[-2:]).to(truth)
                     subjects[:, 0] = truth[:, 0]
             self.call.set(subjects={self.name: subjects}, streams=streams)
 

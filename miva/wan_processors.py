@@ -49,50 +49,86 @@ class WanCrossFrameAttnProcessor(CrossFrameAttnProcessor):
     encoding of the first frame in Wan's causal VAE — and of latent frame i-1. K and V are those the
     self-attention has just computed. With `rank` (Wan's default, 128) W_Q is `to_q` plus a rank-r
     update and W_O a rank-r product (paper §4: 23.6M).
+
+    M-MIVA (§3.4) as on the UNet: the batch is the video, then one mask clip per M-MIVA (the frozen
+    transformer is shared); a mask clip meets only its M-MIVA's mask-stream twin, and the video's
+    self-attention is biased over all f n tokens jointly (`MivaContext.joint_bias`, eq. 3 / S6 per
+    pair of latent frames), its CFA per latent frame (`MivaContext.cross_bias`), at the patch grid.
     """
 
     check = staticmethod(_check_wan_attention)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
-        active = self.context.active(self.adapters)
+        context = self.context
+        active = context.active(self.adapters)
         if not active or encoder_hidden_states is not None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        num_frames, clip_temb = self.context.num_frames, self.context.temb
+        num_frames, clip_temb = context.num_frames, context.temb
         if num_frames is None or clip_temb is None:
             raise RuntimeError("MIVA context has no frame count or timestep embedding; call the transformer, not a block.")
-        query = attn.to_q(hidden_states)  # (b, f n, c)
-        key = _wan_heads(attn, attn.to_k(hidden_states), attn.norm_k, rotary_emb)  # (b, f n, h, d)
+        streams = context.streams
+        rows = hidden_states.shape[0] // len(streams)  # clips per stream
+        plan = [(s, *m) for s, stream in enumerate(streams) for m in self.stream_modules(stream, active)]
+        query = attn.to_q(hidden_states)  # (S b, f n, c) for S streams
+        key = _wan_heads(attn, attn.to_k(hidden_states), attn.norm_k, rotary_emb)  # (S b, f n, h, d)
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         # the stock and every CFA query normalised and rotated together: one norm and one rotation per layer
-        queries = [query] + [adapter.query(hidden_states, query) for _, adapter, _ in active]
-        query, *cfa_queries = _wan_heads(attn, torch.cat(queries), attn.norm_q, rotary_emb).chunk(len(queries))
-        out = _wan_attend(attn, self.stock, query, key, value, attention_mask)
+        part = [slice(s * rows, (s + 1) * rows) for s in range(len(streams))]
+        queries = [query] + [adapter.query(hidden_states[part[s]], query[part[s]]) for s, _, adapter, _ in plan]
+        query, *cfa_queries = _wan_heads(attn, torch.cat(queries), attn.norm_q, rotary_emb).split(
+            [len(query)] + [rows] * len(plan))
+        n = key.shape[1] // num_frames  # tokens per latent frame
+        bias = context.joint_bias(n, query.dtype)
+        if bias is None:
+            out = _wan_attend(attn, self.stock, query, key, value, attention_mask)
+        else:  # only the video's self-attention is biased by the subject masks
+            mask = bias if attention_mask is None else attention_mask + bias
+            out = [_wan_attend(attn, self.stock, query[part[0]], key[part[0]], value[part[0]], mask)]
+            if len(streams) > 1:
+                rest = slice(rows, None)
+                out.append(_wan_attend(attn, self.stock, query[rest], key[rest], value[rest], attention_mask))
+            out = torch.cat(out)
 
         per_frame = "b (f n) h d -> (b f) h n d"
         cfa_key = _cfa_heads(_reference_frames(key.unflatten(1, (num_frames, -1)).flatten(0, 1), num_frames))
         ref_value = _reference_frames(value.unflatten(1, (num_frames, -1)).flatten(0, 1), num_frames)
-        for (name, adapter, weight), cfa_query in zip(active, cfa_queries):
-            cfa = _cfa(adapter, rearrange(cfa_query, per_frame, f=num_frames), cfa_key, ref_value, clip_temb)
-            cfa = self.context.weighted(name, weight, cfa)  # (b f, n, c): per latent frame
-            out = out + rearrange(cfa, "(b f) n c -> b (f n) c", f=num_frames)
-        return out
+        pieces = list(out.split(rows))
+        for (s, name, adapter, weight), cfa_query in zip(plan, cfa_queries):
+            frames = slice(s * rows * num_frames, (s + 1) * rows * num_frames)
+            bias = context.cross_bias(name, n, query.dtype) if streams[s] is None else None
+            cfa = _cfa(adapter, rearrange(cfa_query, per_frame, f=num_frames), cfa_key[frames], ref_value[part[s]],
+                       clip_temb[part[s]], bias)
+            cfa = context.weighted(name, weight, cfa, stream=s)  # (b f, n, c): per latent frame
+            pieces[s] = pieces[s] + rearrange(cfa, "(b f) n c -> b (f n) c", f=num_frames)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 class WanImplicitPromptProcessor(ImplicitPromptProcessor):
-    """Wan's text cross-attention on the empty prompt plus every active adapter's implicit prompt."""
+    """Wan's text cross-attention on the empty prompt plus every active adapter's implicit prompt.
+
+    An M-MIVA's mask stream has its own implicit prompt here too, so that on Wan the mask stream is a
+    full copy of the MIVA (the paper's B.4.3: +35.5M, the MIVA's count again); its mask clip meets
+    that twin only.
+    """
 
     check = staticmethod(_check_wan_attention)
+    mask_stream_twin = True
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
-        active = self.context.active(self.adapters)
+        context = self.context
+        active = context.active(self.adapters)
         if not active or encoder_hidden_states is None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query = attn.to_q(hidden_states)  # frozen W_Q, shared by the text attention and the MLPs
         key = _wan_heads(attn, attn.to_k(encoder_hidden_states), attn.norm_k)
         value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
         out = _wan_attend(attn, self.stock, _wan_heads(attn, query, attn.norm_q), key, value, attention_mask)
-        num_frames = self.context.num_frames
-        for name, adapter, weight in active:
-            mlp = rearrange(adapter(query), "b (f n) c -> (b f) n c", f=num_frames)
-            out = out + rearrange(self.context.weighted(name, weight, mlp), "(b f) n c -> b (f n) c", f=num_frames)
-        return out
+        num_frames, streams = context.num_frames, context.streams
+        rows = hidden_states.shape[0] // len(streams)
+        pieces = list(out.split(rows))
+        for s, stream in enumerate(streams):
+            for name, adapter, weight in self.stream_modules(stream, active):
+                mlp = rearrange(adapter(query[s * rows : (s + 1) * rows]), "b (f n) c -> (b f) n c", f=num_frames)
+                pieces[s] = pieces[s] + rearrange(context.weighted(name, weight, mlp, stream=s), "(b f) n c -> b (f n) c",
+                                                  f=num_frames)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

@@ -85,6 +85,47 @@ def test_attention_biases():
     assert unified[1, 2] == pytest.approx(math.log(1 + masks.EPS), abs=1e-6) and unified[0, 3] == pytest.approx(math.log(masks.EPS), abs=1e-4)
 
 
+def test_the_joint_bias_of_3d_attention_is_eq3_between_every_pair_of_tokens():
+    """Wan attends over all f n tokens at once: the bias between token p of frame i and token q of
+    frame j is eq. 3 on S^i_p, S^j_q (one M-MIVA), or eq. S6 on the unified S* (a mix), built here
+    token by token."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(2, 3, 4, generator=g)  # (b, F, n)
+    bias = masks.joint_attention_bias([s])
+    assert bias.shape == (2, 1, 12, 12)
+    for b in range(2):
+        for i in range(3):
+            for p in range(4):
+                for j in range(3):
+                    for q in range(4):
+                        a, c = float(s[b, i, p]), float(s[b, j, q])
+                        want = math.log(a * c + (1 - a) * (1 - c) + masks.EPS)
+                        assert float(bias[b, 0, i * 4 + p, j * 4 + q]) == pytest.approx(want, abs=1e-5)
+    diagonal = torch.stack([bias[:, 0, 4 * i : 4 * i + 4, 4 * i : 4 * i + 4] for i in range(3)], 1).flatten(0, 1)
+    assert torch.allclose(diagonal, masks.self_attention_bias([s])[:, 0])  # the per-frame blocks
+    other = (torch.rand(2, 3, 4, generator=g) > 0.5).float()
+    mixed = masks.joint_attention_bias([s, None, other])
+    labels = masks.unify_masks([s, None, other])
+    for b in range(2):
+        for k in range(12):
+            for m in range(12):
+                same = labels[b, k // 4, k % 4] == labels[b, m // 4, m % 4]
+                assert float(mixed[b, 0, k, m]) == pytest.approx(math.log(float(same) + masks.EPS), abs=1e-5)
+
+
+def test_a_latent_frame_mask_is_the_union_of_its_frames():
+    frames = torch.zeros(2, 9, 2, 2)
+    frames[:, 0, 0, 0] = 1
+    frames[:, 3, 0, 1] = 0.25
+    frames[:, 4, 0, 1] = 0.75
+    frames[:, 5, 1, 1] = 1
+    union = masks.latent_frame_union(frames, 4)
+    assert union.shape == (2, 3, 2, 2) and torch.equal(union[:, 0], frames[:, 0])
+    assert union[0, 1].tolist() == [[0, 0.75], [0, 0]] and union[0, 2].tolist() == [[0, 0], [0, 1]]
+    with pytest.raises(ValueError, match="8 mask frames do not group into latent frames of 4; give 4k"):
+        masks.latent_frame_union(frames[:, :8], 4)
+
+
 def test_mask_steps_scale_the_papers_schedule():
     assert masks.mask_steps(50) == [0, 5, 10, 15, 20, 25, 30, 35]
     assert masks.mask_steps(25)[0] == 0 and max(masks.mask_steps(25)) <= 17 and len(masks.mask_steps(25)) == 9

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from miva import masks as masks_lib
 from miva.adapter import adapters_of, attach
 from miva.adapter_files import load_adapter
-from miva.backends import load_base, meta_unet
+from miva.backends import meta_unet
 from miva.cli import main
 from miva.config import WEIGHTS_NAME, MivaConfig
 from miva.mask_streams import composite_owners
@@ -170,12 +170,6 @@ def test_clip_weights_make_a_weighted_mean_of_the_clips_losses(tiny_base):
 
 def first_frame_of(clips):
     return clips[0][0]
-
-
-def test_masked_adapters_are_refused_on_wan():
-    base = load_base("tiny-wan")
-    with pytest.raises(ValueError, match="M-MIVA .* not available on base 'tiny-wan'"):
-        attach(base.unet, MivaConfig.for_base("tiny-wan", masked=True))
 
 
 def test_an_m_miva_can_start_from_a_trained_miva(tiny_base, tmp_path):

@@ -82,6 +82,10 @@ class Base:
         """(F, H, W) per-frame region weights -> (latent_frames(F), H, W)."""
         return regions
 
+    def latent_subjects(self, masks: torch.Tensor) -> torch.Tensor:
+        """(..., F, H, W) per-frame subject masks -> (..., latent_frames(F), H, W): M-MIVA's S per latent frame."""
+        return masks
+
     # -- the denoiser and its noise schedule (DDPM family) --------------------------------------
     def prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
         """(len(prompts), tokens, d) text embeddings; MIVAs never need them (they run on the empty prompt)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
+from ..masks import latent_frame_union
 from .base import Base
 from .animatediff import quiet_diffusers
 
@@ -98,6 +99,10 @@ class WanBase(Base):
         k = self.temporal_factor
         rest = regions[1:].unflatten(0, (-1, k)).mean(dim=1)
         return torch.cat([regions[:1], rest])
+
+    def latent_subjects(self, masks: torch.Tensor) -> torch.Tensor:
+        """(..., F, H, W) -> (..., latent frames, H, W): frame 0, then the union of each latent frame's 4 frames."""
+        return latent_frame_union(masks, self.temporal_factor)
 
     # -- the denoiser and flow matching ---------------------------------------------------------
     def denoise(self, model_input: torch.Tensor, timestep, prompt_embeds: torch.Tensor) -> torch.Tensor:
