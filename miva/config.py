@@ -40,7 +40,8 @@ class MivaConfig:
         0 disables it.
     temporal_lora_rank: LoRA rank on the temporal attentions (§3.3.3); 0 disables it.
     masked: an M-MIVA (§3.4): it also generates its subject's mask sequence in a parallel mask stream
-        (its own CFA layers) and biases the video's attention with it; needs a first-frame mask.
+        (its own CFA layers; on Wan its own implicit prompt too) and biases the video's attention with
+        it; needs a first-frame mask.
     """
 
     base: str

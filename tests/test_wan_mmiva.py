@@ -220,3 +220,20 @@ def test_training_masks_go_to_latent_frames_and_wrong_sizes_are_refused(wan_pipe
     with pytest.raises(ValueError, match="one mask sequence per clip"):
         train_adapter(wan_pipe, clips, tmp_path / "x", "pan", masks=masks[:1], **FAST)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_m_miva_on_wan_can_start_from_a_trained_miva(wan_base, tmp_path):
+    """`init`: both twins (CFA and implicit prompt) start as the MIVA's own parts."""
+    from miva.adapter_files import save_adapter
+    from miva.train import start_from
+
+    manager = attach(wan_base.unet, MivaConfig.for_base("tiny-wan"), "plain")
+    randomize(manager.parameters("plain"), seed=1)
+    save_adapter(wan_base.unet, "plain", tmp_path / "plain")
+    plain = manager.state_dict("plain")
+    manager.add(masked(), "m")
+    start_from(manager, "m", tmp_path / "plain")
+    started = manager.state_dict("m")
+    twins = [k for k in started if ".mask_adapters." in k]
+    assert any(".attn2." in k for k in twins) and any(".attn1." in k for k in twins)
+    assert all(torch.equal(started[k], plain[k.replace(".mask_adapters.", ".adapters.")]) for k in twins)
