@@ -1,4 +1,4 @@
-"""`python -m miva ...`: animate a first frame, print parameter counts."""
+"""`python -m miva ...`: animate a first frame, train, export a LoRA, print parameter counts."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def cmd_params(args) -> int:
 
 
 def cmd_animate(args) -> int:
+    from .media import check_video_path
+
+    check_video_path(args.out)  # before the base loads and the frames are made
     pipe = load_pipeline(args)
     weights = {}
     for spec in args.adapter:
@@ -84,6 +87,18 @@ def cmd_segment(args) -> int:
 
     mask = text_mask(args.image, args.text)
     print(f"wrote {save_mask(mask, args.out)} ({mask.mean():.1%} of the image)")
+    return 0
+
+
+def cmd_export_lora(args) -> int:
+    from .export import export_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        path = export_lora(args.adapter, args.out)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    print(f"wrote {path} (load it with AnimateDiffPipeline.load_lora_weights)")
     return 0
 
 
@@ -180,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--image", required=True, help="first frame (PNG, JPEG, WebP)")
     animate.add_argument("--adapter", action="append", default=[], metavar="PATH_OR_NAME[:WEIGHT]",
                          help="adapter folder or name in adapters/, optional weight 0-2 (repeat to mix)")
-    animate.add_argument("--out", default="out.mp4", help="output .mp4 or .gif")
+    animate.add_argument("--out", default="out.mp4", help="output .mp4, .webm, .mov, .gif or .webp (by the suffix)")
     animate.add_argument("--frames", type=int, default=None, help="frame count (default: the base's, 16)")
     animate.add_argument("--steps", type=int, default=25, help="DDIM steps")
     animate.add_argument("--seed", type=int, default=0)
@@ -207,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--text", required=True, help='e.g. "the red square"')
     segment.add_argument("--out", default="mask.png")
     segment.set_defaults(run=cmd_segment)
+
+    export = sub.add_parser("export-lora", help="write an adapter's temporal LoRA as a diffusers LoRA file")
+    export.add_argument("adapter", metavar="ADAPTER", help="adapter folder or name in adapters/ (AnimateDiff bases)")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.set_defaults(run=cmd_export_lora)
 
     train = sub.add_parser("train", help="teach a new motion from a few clips (or stills + a camera motion)")
     train.add_argument("--clips", help="folder of clips (mp4, webm, gif, or folders of frames)")

@@ -1,4 +1,4 @@
-"""Reading first frames and writing videos (imageio + imageio-ffmpeg, whose wheel ships ffmpeg)."""
+"""Reading first frames and writing videos (imageio + imageio-ffmpeg, whose wheel ships ffmpeg; PIL for WebP)."""
 
 from __future__ import annotations
 
@@ -95,25 +95,45 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1)[None]
 
 
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".webp")  # what `save_video` writes
+WEBP_QUALITY = 90  # lossy animated WebP: a fraction of the lossless size, differences of a few levels
+
+
+def check_video_path(path: str | Path) -> Path:
+    """`path` if `save_video` can write it (by its suffix), else a one-sentence ValueError."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"cannot write video '{path.name}'; use a file name ending in {', '.join(VIDEO_SUFFIXES)}.")
+    return path
+
+
 def save_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """Write (F, H, W, 3) uint8 frames as .mp4 (H.264) or .gif, chosen by the file's suffix."""
+    """Write (F, H, W, 3) uint8 frames as .mp4 / .mov (H.264), .webm (VP9), .gif or animated .webp,
+    chosen by the file's suffix; other suffixes are refused before anything is written.
+
+    WebP is lossy at quality 90 and loops forever. Its encoder (libwebp) stores consecutive frames that
+    do not differ (within a level or two at this quality) once, with their durations summed: the video
+    plays the same but may hold fewer frames."""
     import imageio.v2 as imageio
 
-    path = Path(path)
+    path = check_video_path(path)
+    suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = np.asarray(frames)
-    if path.suffix.lower() == ".gif":
+    if suffix == ".gif":
         imageio.mimwrite(path, list(frames), format="GIF", duration=1000 / fps, loop=0)
-    elif path.suffix.lower() in (".mp4", ".webm", ".mov"):
+    elif suffix == ".webp":
+        first, *rest = (Image.fromarray(frame) for frame in frames)
+        first.save(path, format="WEBP", save_all=True, append_images=rest, duration=round(1000 / fps), loop=0,
+                   quality=WEBP_QUALITY, method=4)
+    else:
         # yuv420p needs even sides; pad by edge replication rather than let ffmpeg rescale.
         pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
         if pad_h or pad_w:
             frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-        codec = "libvpx-vp9" if path.suffix.lower() == ".webm" else "libx264"
+        codec = "libvpx-vp9" if suffix == ".webm" else "libx264"
         with imageio.get_writer(path, format="FFMPEG", fps=fps, codec=codec, macro_block_size=1,
                                 pixelformat="yuv420p", output_params=["-crf", "18"]) as writer:
             for frame in frames:
                 writer.append_data(frame)
-    else:
-        raise ValueError(f"cannot write video '{path.name}'; use a .mp4, .webm or .gif file name.")
     return path
