@@ -6,8 +6,9 @@ With no adapter and shared noise, DCTInit and AdaIN off, and frame 0 left free (
 patched out), our latents equal diffusers' within TOL of their value range; decoded frames agree to
 one 8-bit level (ours round to uint8, diffusers' return floats). With the defaults, ours equal
 diffusers' loop started from our initial latents with frame 0 replaced by the clean first frame after
-every step, then AdaIN: the intended differences and nothing else. Measured on CPU: 0.0 everywhere,
-fp32 and a bf16 Wan transformer alike; TOL only leaves room for other BLAS kernels.
+every step, then AdaIN: the intended differences and nothing else. Measured on CPU: 0.0 everywhere
+(fp32, a bf16 Wan transformer, fp16 AnimateDiff given our prompt embeddings); TOL only leaves room
+for other BLAS kernels.
 """
 
 import json
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (AnimateDiffPipeline, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       UniPCMultistepScheduler, WanPipeline)
+                       UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
 
 from miva import schedules
 from miva.backends import animatediff, wan
@@ -80,7 +81,8 @@ def animatediff_pair(kind):
 
 
 def run_animatediff(reference, output_type="latent", **kwargs):
-    return reference(prompt="", num_frames=FRAMES["animatediff"], height=SIZE, width=SIZE, num_inference_steps=STEPS,
+    kwargs = {"prompt": "", **kwargs}
+    return reference(num_frames=FRAMES["animatediff"], height=SIZE, width=SIZE, num_inference_steps=STEPS,
                      guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type=output_type,
                      **kwargs).frames
 
@@ -144,12 +146,32 @@ def test_wan_latents_and_frames_match_diffusers(kind, first_frame, monkeypatch):
     assert levels.max() <= 1
 
 
-def test_wan_with_a_bf16_transformer_matches_diffusers(first_frame, monkeypatch):
-    """fp32 latents and the VAE in fp32, the transformer in bf16, as Wan's pipeline runs them."""
-    pipe, reference = wan_pair("unipc", torch.bfloat16)
+def test_wan_with_a_bf16_transformer_matches_diffusers(first_frame, monkeypatch, tmp_path):
+    """The transformer in bf16 as `from_pretrained(torch_dtype=torch.bfloat16)` loads it (its fp32 modules kept),
+    fp32 latents and VAE, as Wan's pipeline runs them."""
+    pipe, reference = wan_pair("unipc")
+    pipe.base = wan.tiny(dtype=torch.bfloat16)
+    pipe.base.scheduler = wan.unipc_scheduler()
+    reference.transformer.save_pretrained(tmp_path)
+    reference.transformer = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in pipe.base.unet.named_parameters()} == \
+        {n: p.dtype for n, p in reference.transformer.named_parameters()}
+    assert {p.dtype for p in pipe.base.unet.parameters()} == {torch.bfloat16, torch.float32}
     free_first_frame(pipe, monkeypatch)
     ours = pipe(first_frame, num_frames=FRAMES["wan"], num_inference_steps=STEPS, seed=0, **PLAIN)
     assert_close(ours.latents, run_wan(reference))
+
+
+def test_animatediff_in_fp16_matches_diffusers_given_our_prompt_embeddings(first_frame, monkeypatch):
+    """In half precision the one difference is the empty prompt: ours is encoded once in fp32 (the text
+    encoder's stored dtype) and then cast, diffusers' by an fp16 text encoder."""
+    pipe, reference = animatediff_pair("ddim")
+    pipe.base = animatediff.tiny(dtype=torch.float16)
+    reference.to(dtype=torch.float16)
+    free_first_frame(pipe, monkeypatch)
+    ours = pipe(first_frame, num_frames=FRAMES["animatediff"], num_inference_steps=STEPS, seed=0, **PLAIN)
+    assert ours.latents.dtype == torch.float16
+    assert_close(ours.latents, run_animatediff(reference, prompt_embeds=pipe.base.null_prompt_embeds, prompt=None))
 
 
 def test_wan_differs_from_diffusers_only_by_the_first_frame_and_algorithm_1(first_frame):

@@ -4,6 +4,7 @@ loading through the Hub layout, and the cross-base and frame-count errors."""
 import numpy as np
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 
 from miva.adapter import attach, detach
 from miva.adapter_files import load_adapter, save_adapter
@@ -203,7 +204,11 @@ def test_real_loading_path_through_the_hub_layout(tmp_path):
 def test_the_real_base_loads_in_bf16_with_an_fp32_vae(tmp_path, first_frame):
     save_wan_layout(tmp_path)
     base = wan.load(str(tmp_path), height=32, width=32, frames=5, dtype=torch.bfloat16, text_dtype=torch.float32)
-    assert {p.dtype for p in base.unet.parameters()} == {torch.bfloat16}
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path, subfolder="transformer", torch_dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in base.unet.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+    assert base.unet.dtype == torch.bfloat16  # its norms, time embedder and modulation kept in fp32, as diffusers loads it
+    built = wan.tiny(dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in built.unet.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
     assert {p.dtype for p in base.vae.parameters()} == {torch.float32}  # as Wan's pipeline keeps it
     assert base.null_prompt_embeds.dtype == torch.bfloat16
     out = MivaPipeline(base)(first_frame, num_frames=5, num_inference_steps=2, seed=0)  # fp32 latents, bf16 transformer

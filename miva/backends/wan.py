@@ -142,6 +142,16 @@ def unipc_scheduler(shift: float = FLOW_SHIFT) -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler.from_config(config, flow_shift=shift)
 
 
+def cast_transformer(transformer: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
+    """`transformer` in `dtype` the way `from_pretrained(torch_dtype=dtype)` loads it: tensors of the
+    modules the class keeps in fp32 (`_keep_in_fp32_modules`: norms, time embedder, modulation, rope) stay fp32."""
+    keep = transformer._keep_in_fp32_modules or []
+    for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if any(m in name.split(".") for m in keep) else dtype)
+    return transformer
+
+
 def build_transformer(config: dict, device="cpu") -> WanTransformer3DModel:
     with torch.device(device), quiet_diffusers():
         return WanTransformer3DModel.from_config(config)
@@ -167,9 +177,7 @@ def _finish(base_id, transformer, vae, null_prompt_embeds, height, width, frames
             shift=FLOW_SHIFT) -> WanBase:
     transformer.requires_grad_(False).eval().to(device=device)
     vae.requires_grad_(False).eval().to(device=device)  # the VAE stays in fp32, as in Wan's pipeline
-    if transformer.dtype != dtype:
-        with quiet_diffusers():
-            transformer.to(dtype=dtype)
+    cast_transformer(transformer, dtype)
     return WanBase(id=base_id, unet=transformer, vae=vae, scheduler=scheduler(shift),
                    null_prompt_embeds=null_prompt_embeds.to(device=device, dtype=dtype),
                    height=height, width=width, frames=frames, description=description)
@@ -184,7 +192,7 @@ def load(model: str = HUB_MODEL, device="cpu", dtype=torch.float32, base_id: str
     """
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    transformer = from_safetensors(WanTransformer3DModel, model, "transformer")
+    transformer = from_safetensors(WanTransformer3DModel, model, "transformer", torch_dtype=dtype)
     vae = from_safetensors(AutoencoderKLWan, model, "vae")
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
     text_encoder = from_safetensors(UMT5EncoderModel, model, "text_encoder", dtype=text_dtype).to(device)
