@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,13 @@ class MivaPipeline:
             return (noise * getattr(scheduler, "init_noise_sigma", 1.0)).to(first.dtype)
         levels = tuple(float(x) for x in self.base.noise_levels(dct_timestep))
         return schedules.dct_init(first.float(), noise, cutoff=dct_cutoff, levels=levels).to(first.dtype)
+
+    @staticmethod
+    def hold_first_frame(latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """The image-to-video constraint: the clean first-frame latent replaces frame 0 (before every step
+        and after the last)."""
+        latents[:, :, 0] = first
+        return latents
 
     def predict(self, latents, first, timestep, adapters: dict[str, float], guidance_scale: float,
                 streams: MaskStreams | None = None, call: MivaCall | None = None):
@@ -260,6 +268,7 @@ class MivaPipeline:
         first = self.encode(self.prepare_first_frame(image, height, width))  # (1, c, h, w)
         scheduler = type(base.scheduler).from_config(base.scheduler.config)  # fresh per call
         scheduler.set_timesteps(num_inference_steps, device=base.device)
+        step_kwargs = step_arguments(scheduler, generator)
         dct_init = base.dct_init if dct_init is None else dct_init
         init = dict(shared_noise_ratio=shared_noise_ratio, dct_init=dct_init, dct_cutoff=dct_cutoff,
                     dct_timestep=dct_timestep)
@@ -274,7 +283,7 @@ class MivaPipeline:
                 stack.enter_context(manager.merged_lora())
             owners = composite_owners(base, masked, fitted, latents) if composite else None  # renewed with the masks
             for i, t in enumerate(scheduler.timesteps):
-                latents[:, :, 0] = first  # the clean first frame replaces frame 0 at every step
+                latents = self.hold_first_frame(latents, first)
                 model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
                 due = streams is not None and streams.due(i)
                 if due:
@@ -292,10 +301,10 @@ class MivaPipeline:
                     fitted.update(zip(streams.names, streams.pixels.to(torch.float32).cpu()))
                     regions = self._confine(call, adapters, fitted, masked, latents, streams, exclusive=not composite)
                     owners = composite_owners(base, masked, fitted, latents) if composite else None
-                latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
+                latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i + 1, len(scheduler.timesteps))
-        latents[:, :, 0] = first
+        latents = self.hold_first_frame(latents, first)
         if adain:
             latents = schedules.adain(latents)  # once, after the last step (B.3.2)
         subject_masks = None if streams is None else dict(zip(streams.names, streams.pixels))
@@ -347,3 +356,8 @@ class MivaPipeline:
                           for name, r in regions.items()}, exclusive=mixed,
                  subjects=streams.context_subjects() if streams is not None else {})
         return unified
+
+
+def step_arguments(scheduler, generator: torch.Generator) -> dict:
+    """`generator` for `scheduler.step` where it takes one (DDIM, Euler), nothing where not (UniPC)."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}

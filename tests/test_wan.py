@@ -4,6 +4,7 @@ loading through the Hub layout, and the cross-base and frame-count errors."""
 import numpy as np
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 
 from miva.adapter import attach, detach
 from miva.adapter_files import load_adapter, save_adapter
@@ -14,7 +15,7 @@ from miva.pipeline import MivaPipeline
 from miva.loop import diffusion_loss, step_generator
 from miva.train import train_adapter
 
-from conftest import randomize
+from conftest import randomize, save_wan_layout
 
 
 @pytest.fixture
@@ -182,11 +183,7 @@ def test_a_temporal_lora_is_refused_on_wan(wan_base):
 
 def test_real_loading_path_through_the_hub_layout(tmp_path):
     """`wan.load` on tiny random components saved in Wan-AI/Wan2.1-T2V-1.3B-Diffusers' folder layout."""
-    transformer, vae, tokenizer, text_encoder = wan.tiny_components(seed=3)
-    transformer.save_pretrained(tmp_path / "transformer")
-    vae.save_pretrained(tmp_path / "vae")
-    text_encoder.save_pretrained(tmp_path / "text_encoder")
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    save_wan_layout(tmp_path, seed=3)
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
     loaded = wan.load(str(tmp_path), base_id="tiny-wan", height=32, width=32, frames=9, text_dtype=torch.float32)
@@ -202,6 +199,28 @@ def test_real_loading_path_through_the_hub_layout(tmp_path):
                                                           getattr(built, module).state_dict().values()))
         out = loaded.denoise(sample, torch.tensor(500.0), loaded.null_prompt_embeds)
     assert out.shape == sample.shape
+
+
+def test_the_real_base_loads_in_bf16_with_an_fp32_vae(tmp_path, first_frame):
+    save_wan_layout(tmp_path)
+    base = wan.load(str(tmp_path), height=32, width=32, frames=5, dtype=torch.bfloat16, text_dtype=torch.float32)
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path, subfolder="transformer", torch_dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in base.unet.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+    assert base.unet.dtype == torch.bfloat16  # its norms, time embedder and modulation kept in fp32, as diffusers loads it
+    built = wan.tiny(dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in built.unet.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+    assert {p.dtype for p in base.vae.parameters()} == {torch.float32}  # as Wan's pipeline keeps it
+    assert base.null_prompt_embeds.dtype == torch.bfloat16
+    out = MivaPipeline(base)(first_frame, num_frames=5, num_inference_steps=2, seed=0)  # fp32 latents, bf16 transformer
+    assert out.frames.shape == (5, 32, 32, 3) and torch.isfinite(out.latents.float()).all()
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder"])
+def test_pickled_wan_weights_are_never_loaded(tmp_path, component):
+    save_wan_layout(tmp_path, pickled=(component,))
+    assert not list((tmp_path / component).glob("*.safetensors"))
+    with pytest.raises(ValueError, match=rf"{component} holds only pickled weights .* MIVA loads safetensors only"):
+        wan.load(str(tmp_path), text_dtype=torch.float32)
 
 
 def test_the_studio_and_its_frames_slider_follow_wans_frame_rule(wan_base, first_frame, tmp_path):

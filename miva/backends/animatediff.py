@@ -1,8 +1,9 @@
 """SD1.5 + AnimateDiff v3 (`UNetMotionModel`), real and tiny, built by the same code.
 
 The real base loads through `from_pretrained` (safetensors only) from the Hub or a local folder in
-the Hub layout; the tiny base builds the same classes from small config dictionaries. Full-size
-configs are kept in `configs/` so the real model can be built on the meta device with no download.
+the Hub layout; the tiny base builds the same classes from small config dictionaries. The real repos'
+configs are kept in `configs/` (see its README): the real model builds on the meta device with no
+download, and the tiny base samples with SD1.5's own scheduler config.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-from .base import Base
+from .base import Base, from_safetensors
 
 BASE_ID = "animatediff-v3"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -97,15 +98,14 @@ def load(
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    safe = {"use_safetensors": True}
-    unet2d = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **safe)
-    adapter = MotionAdapter.from_pretrained(motion_adapter, **safe)
+    unet2d = from_safetensors(UNet2DConditionModel, model, "unet")
+    adapter = from_safetensors(MotionAdapter, motion_adapter)
     with quiet_diffusers():
         unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     del unet2d, adapter
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **safe)
+    vae = from_safetensors(AutoencoderKL, model, "vae")
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **safe)
+    text_encoder = from_safetensors(CLIPTextModel, model, "text_encoder")
     null_prompt_embeds = encode_prompt(tokenizer, text_encoder)
     del text_encoder
     scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", **SCHEDULER_OVERRIDES)
@@ -169,20 +169,27 @@ def tiny_text_model(cross_attention_dim: int = 16, folder: str | Path | None = N
         num_attention_heads=2, max_position_embeddings=16, projection_dim=cross_attention_dim,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
-    return tokenizer, CLIPTextModel(config)
+    return tokenizer, CLIPTextModel(config).eval()
 
 
 def tiny_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, **SCHEDULER_OVERRIDES)
+    """SD1.5's scheduler config (kept in `configs/`) with AnimateDiff's overrides, as `load` builds it."""
+    return DDIMScheduler.from_config(_config("sd15_scheduler.json"), **SCHEDULER_OVERRIDES)
 
 
-def tiny(device="cpu", dtype=torch.float32, seed: int = 0, height: int = 32, width: int = 32) -> Base:
-    """A tiny random base of the real classes: for tests and offline smoke runs (output is noise)."""
+def tiny_components(seed: int = 0):
+    """(UNetMotionModel, vae, tokenizer, text encoder) of the tiny base, randomly initialised from `seed`."""
     unet_config, adapter_config, vae_config = tiny_configs()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = build_unet(unet_config, adapter_config)
         vae = AutoencoderKL.from_config(vae_config)
         tokenizer, text_encoder = tiny_text_model(unet_config["cross_attention_dim"])
-        null_prompt_embeds = encode_prompt(tokenizer, text_encoder)
+    return unet, vae, tokenizer, text_encoder
+
+
+def tiny(device="cpu", dtype=torch.float32, seed: int = 0, height: int = 32, width: int = 32) -> Base:
+    """A tiny random base of the real classes: for tests and offline smoke runs (output is noise)."""
+    unet, vae, tokenizer, text_encoder = tiny_components(seed)
+    null_prompt_embeds = encode_prompt(tokenizer, text_encoder)
     return _finish("tiny", unet, vae, tiny_scheduler(), null_prompt_embeds, height, width, device, dtype, "tiny random")

@@ -3,12 +3,13 @@
 `Base` is written for UNet bases with an image VAE and a DDPM-family scheduler; a backend whose model
 differs overrides only where it differs (`miva.backends.wan.WanBase`, `miva.toy.base.ToyBase`): how
 frames map to latent frames, how clips are encoded and decoded, how the denoiser is called and fed,
-and the noise schedule.
+and the noise schedule. `from_safetensors` is the one way the real backends load weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -142,3 +143,18 @@ def encode_frames(encode_image, pixels: torch.Tensor, chunk: int = 8) -> torch.T
     frames = rearrange(pixels, "n c f h w -> (n f) c h w")
     latents = torch.cat([encode_image(frames[i : i + chunk]) for i in range(0, len(frames), chunk)])
     return rearrange(latents, "(n f) c h w -> n c f h w", n=len(pixels))
+
+
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # weight files that need unpickling
+
+
+def from_safetensors(cls, model: str | Path, subfolder: str | None = None, **kwargs):
+    """`cls.from_pretrained` from a Hub id or local folder with `use_safetensors=True`; a local folder
+    holding pickled weights and no safetensors is refused before anything is read."""
+    folder = Path(model, subfolder or "")
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(f.name for pattern in PICKLED for f in folder.glob(pattern))
+        if pickled:
+            raise ValueError(f"{folder} holds only pickled weights ({', '.join(pickled)}) and MIVA loads "
+                             f"safetensors only: convert them to .safetensors first.")
+    return cls.from_pretrained(str(model), subfolder=subfolder, use_safetensors=True, **kwargs)

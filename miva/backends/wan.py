@@ -10,7 +10,8 @@ format are shared):
 * **Frame counts** must be 4k + 1 (5, 9, 13, 17, ...); others are refused with the rule stated (the
   paper uses 17).
 * **Schedule.** Flow matching: x_t = (1 - s) x_0 + s eps with s = t / 1000, the model predicts the
-  flow eps - x_0; sampled with `FlowMatchEulerDiscreteScheduler` at shift 3 (Wan's setting for 480p).
+  flow eps - x_0; sampled with `FlowMatchEulerDiscreteScheduler` at shift 3 (Wan's setting for 480p;
+  the repo's own sampler, UniPC at flow shift 3, is `unipc_scheduler`).
   DCTInit noises the first frame to s = 0.975 (t = 975, as on AnimateDiff); the shared-noise
   component and AdaIN apply unchanged, on latent frames.
 * **Prompt.** The empty prompt is encoded once by UMT5 (padded to 512 tokens with zeros, as Wan's
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
 
 from ..masks import latent_frame_union
-from .base import Base
+from .base import Base, from_safetensors
 from .animatediff import quiet_diffusers
 
 BASE_ID = "wan2.1-1.3b"
@@ -106,9 +107,12 @@ class WanBase(Base):
 
     # -- the denoiser and flow matching ---------------------------------------------------------
     def denoise(self, model_input: torch.Tensor, timestep, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        b = model_input.shape[0]
+        """The transformer's output, its inputs cast to its dtype (the latents stay fp32 next to a bf16
+        transformer, as in Wan's pipeline)."""
+        b, dtype = model_input.shape[0], self.unet.dtype
         timestep = torch.as_tensor(timestep, device=model_input.device).reshape(-1).expand(b)
-        return self.unet(model_input, timestep, encoder_hidden_states=prompt_embeds.expand(b, -1, -1)).sample
+        return self.unet(model_input.to(dtype), timestep,
+                         encoder_hidden_states=prompt_embeds.to(dtype).expand(b, -1, -1)).sample
 
     def _sigma(self, timesteps) -> torch.Tensor:
         return torch.as_tensor(timesteps, dtype=torch.float32) / self.scheduler.config.num_train_timesteps
@@ -137,6 +141,22 @@ def scheduler(shift: float = FLOW_SHIFT) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
+def unipc_scheduler(shift: float = FLOW_SHIFT) -> UniPCMultistepScheduler:
+    """The sampler Wan-AI/Wan2.1-T2V-1.3B-Diffusers ships: UniPC on flow sigmas (config kept in `configs/`)."""
+    config = json.loads((CONFIGS / "wan2.1_t2v_1.3b_scheduler.json").read_text())
+    return UniPCMultistepScheduler.from_config(config, flow_shift=shift)
+
+
+def cast_transformer(transformer: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
+    """`transformer` in `dtype` the way `from_pretrained(torch_dtype=dtype)` loads it: tensors of the
+    modules the class keeps in fp32 (`_keep_in_fp32_modules`: norms, time embedder, modulation, rope) stay fp32."""
+    keep = transformer._keep_in_fp32_modules or []
+    for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if any(m in name.split(".") for m in keep) else dtype)
+    return transformer
+
+
 def build_transformer(config: dict, device="cpu") -> WanTransformer3DModel:
     with torch.device(device), quiet_diffusers():
         return WanTransformer3DModel.from_config(config)
@@ -162,9 +182,7 @@ def _finish(base_id, transformer, vae, null_prompt_embeds, height, width, frames
             shift=FLOW_SHIFT) -> WanBase:
     transformer.requires_grad_(False).eval().to(device=device)
     vae.requires_grad_(False).eval().to(device=device)  # the VAE stays in fp32, as in Wan's pipeline
-    if transformer.dtype != dtype:
-        with quiet_diffusers():
-            transformer.to(dtype=dtype)
+    cast_transformer(transformer, dtype)
     return WanBase(id=base_id, unet=transformer, vae=vae, scheduler=scheduler(shift),
                    null_prompt_embeds=null_prompt_embeds.to(device=device, dtype=dtype),
                    height=height, width=width, frames=frames, description=description)
@@ -179,11 +197,10 @@ def load(model: str = HUB_MODEL, device="cpu", dtype=torch.float32, base_id: str
     """
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    safe = {"use_safetensors": True}
-    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", **safe)
-    vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", **safe)
+    transformer = from_safetensors(WanTransformer3DModel, model, "transformer", torch_dtype=dtype)
+    vae = from_safetensors(AutoencoderKLWan, model, "vae")
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
-    text_encoder = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", dtype=text_dtype, **safe).to(device)
+    text_encoder = from_safetensors(UMT5EncoderModel, model, "text_encoder", dtype=text_dtype).to(device)
     null_prompt_embeds = encode_prompt(tokenizer, text_encoder).float()
     del text_encoder
     return _finish(base_id, transformer, vae, null_prompt_embeds, height, width, frames, device, dtype, model, shift)
