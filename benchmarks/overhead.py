@@ -15,7 +15,7 @@ meta device with a dispatch mode) is the launch-bound proxy that needs no GPU. T
 the sampler runs it: inside a call, with its temporal LoRA folded in. Last line:
 `overhead_ratio X flop_ratio Y kernel_ratio Z` (X = denoiser step time ratio).
 
-`--masked` (UNet configs) instead times whole calls of the base, of one M-MIVA regenerating its masks
+`--masked` instead times whole calls of the base, of one M-MIVA regenerating its masks
 at every step, and of the same M-MIVA with the mask-step cache (the paper's mask steps, B.1.3),
 interleaved. Last line: `mask_cache_ratio X mmiva_ratio Y` (cached / uncached call, cached / base).
 """
@@ -92,7 +92,9 @@ def build(name: str, device: str, dtype: torch.dtype, miva: bool):
         sample = torch.randn(1, 4, f, h, w, device=device, dtype=dtype)
         embeds = torch.randn(f, 77, unet_cfg["cross_attention_dim"], device=device, dtype=dtype)
     unet.requires_grad_(False).eval()
-    if device != "meta":
+    if device != "meta" and name in WAN:
+        wan.cast_transformer(unet, dtype)  # as Wan's from_pretrained loads it: norms and modulation in fp32
+    elif device != "meta":
         with animatediff.quiet_diffusers():
             unet.to(dtype=dtype)
     if miva:
@@ -305,14 +307,12 @@ def main() -> None:
     parser.add_argument("--masked", action="store_true", help="time M-MIVA calls with and without the mask cache")
     parser.add_argument("--compile", action="store_true", help="torch.compile both denoisers (timed after compiling)")
     args = parser.parse_args()
-    if args.masked and args.config in WAN:
-        parser.error("--masked times M-MIVA, which runs on the UNet configs (mid, full).")
     if args.small:
         import os
 
         os.environ[SMALL] = "1"  # read by build() here and in the memory subprocesses
     device = args.device
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    dtype = torch.float32 if not device.startswith("cuda") else torch.bfloat16 if args.config in WAN else torch.float16
     torch.manual_seed(0)
     if args.masked:
         machine = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
