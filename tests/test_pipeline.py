@@ -95,10 +95,10 @@ def test_motion_guidance(pipe, first_frame, tmp_path):
 
 def test_videos_are_written(pipe, first_frame, tmp_path):
     out = pipe(first_frame, seed=0, **FAST)
-    for name in ("clip.mp4", "clip.gif"):
+    for name in ("clip.mp4", "clip.gif", "clip.webp"):
         path = out.save(tmp_path / name)
         assert len(imageio.mimread(path)) == 4
-    with pytest.raises(ValueError, match="use a .mp4"):
+    with pytest.raises(ValueError, match="use a file name ending in .mp4"):
         out.save(tmp_path / "clip.avi")
 
 
