@@ -17,6 +17,7 @@ from . import masks as masks_lib
 from . import schedules
 from .adapter import attach, check_adapter_name, detach
 from .adapter_files import read_adapter, save_adapter
+from .backends.base import set_gradient_checkpointing
 from .config import WEIGHTS_NAME, MivaConfig
 from .mask_streams import decode_masks
 from .loop import CHECKPOINT_DIR, Part, ProgressCallback, diffusion_loss, part_rows, plot_losses, run_training
@@ -203,7 +204,7 @@ def train_adapter(
             if init is not None:  # a resumed run's checkpoint replaces these weights
                 start_from(manager, name, init)
             if gradient_checkpointing:
-                base.unet.enable_gradient_checkpointing()
+                set_gradient_checkpointing(base.unet, True)
             params = manager.parameters(name)
             autocast = (torch.autocast(device_type=base.device.type, dtype=getattr(torch, mixed_precision))
                         if mixed_precision else contextlib.nullcontext())
@@ -233,7 +234,7 @@ def train_adapter(
             )
             base.unet.eval()
             if gradient_checkpointing:
-                base.unet.disable_gradient_checkpointing()
+                set_gradient_checkpointing(base.unet, False)
             if state.step < steps:
                 return None
             if accelerator is not None and not accelerator.is_main_process:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import randomize, unet_inputs
 from safetensors.torch import load_file
 
 from miva.loop import diffusion_loss, encode_clips, step_generator
@@ -92,6 +93,45 @@ def test_training_lowers_the_loss_on_a_fixed_batch(pipe, clips, tmp_path):
         fixed_loss().backward()
         optimizer.step()
     assert float(fixed_loss()) < 0.9 * before
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_checkpointing_recomputes_the_motion_modules_with_the_same_gradients(tiny_base, masked):
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    from miva.adapter import attach
+    from miva.backends.base import set_gradient_checkpointing
+    from miva.config import MivaConfig
+
+    unet = tiny_base.unet
+    manager = attach(unet, MivaConfig(base="tiny", masked=masked), "a")
+    manager.set_trainable("a")
+    params = manager.parameters("a")
+    randomize(params)
+    sample, timestep, embeds = unet_inputs(tiny_base)
+    state = {}
+    if masked:  # an M-MIVA's batch: the video clip, then its mask clip, the subject biasing the attention
+        sample, embeds = torch.cat([sample, sample.flip(1)]), torch.cat([embeds, embeds])
+        state = {"streams": (None, "a"), "subjects": {"a": torch.rand(1, *sample.shape[2:])}}
+    motion = [m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)]
+    runs = []
+    motion[0].transformer_blocks[0].register_forward_hook(lambda *_: runs.append(1))
+
+    def grads():
+        runs.clear()
+        for p in params.values():
+            p.grad = None
+        with manager.call(weights={"a": 1.0}, **state):
+            unet(sample, timestep, encoder_hidden_states=embeds).sample.square().mean().backward()
+        return {k: p.grad.clone() for k, p in params.items()}, len(runs)
+
+    plain, plain_runs = grads()
+    set_gradient_checkpointing(unet, True)
+    checkpointed, checkpointed_runs = grads()
+    set_gradient_checkpointing(unet, False)
+    assert (plain_runs, checkpointed_runs) == (1, 2)
+    assert not any("forward" in vars(m) for m in motion)
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
 
 
 def test_bad_training_input(pipe, clips, tmp_path):

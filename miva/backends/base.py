@@ -8,10 +8,13 @@ and the noise schedule. `from_safetensors` is the one way the real backends load
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from einops import rearrange
 
 
@@ -136,6 +139,28 @@ class Base:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+
+def set_gradient_checkpointing(denoiser: torch.nn.Module, enabled: bool) -> None:
+    """Recompute `denoiser`'s activations in the backward pass: diffusers' own checkpointing, and each
+    AnimateDiff motion module, which `UNetMotionModel` runs outside its checkpointed resnets and which
+    otherwise holds most of a training step's activations."""
+    if enabled:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
+    for module in denoiser.modules():
+        if isinstance(module, AnimateDiffTransformer3D):
+            if enabled:
+                module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))
+            else:
+                module.__dict__.pop("forward", None)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def encode_frames(encode_image, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
