@@ -87,16 +87,6 @@ def run_animatediff(reference, output_type="latent", **kwargs):
                      **kwargs).frames
 
 
-@pytest.mark.parametrize("kind", sorted(SCHEDULERS))
-def test_animatediff_latents_and_frames_match_diffusers(kind, first_frame, monkeypatch):
-    pipe, reference = animatediff_pair(kind)
-    free_first_frame(pipe, monkeypatch)
-    ours = pipe(first_frame, num_frames=FRAMES["animatediff"], num_inference_steps=STEPS, seed=0, **PLAIN)
-    assert_close(ours.latents, run_animatediff(reference))
-    levels = np.abs(ours.frames.astype(np.int16) - frames_to_uint8(run_animatediff(reference, "np")))
-    assert levels.max() <= 1
-
-
 def test_animatediff_differs_from_diffusers_only_by_the_first_frame_and_algorithm_1(first_frame):
     pipe, reference = animatediff_pair("ddim")
     ours = pipe(first_frame, num_frames=FRAMES["animatediff"], num_inference_steps=STEPS, seed=0)
@@ -136,13 +126,18 @@ def run_wan(reference, output_type="latent", **kwargs):
                      generator=torch.Generator().manual_seed(0), output_type=output_type, **kwargs).frames
 
 
-@pytest.mark.parametrize("kind", sorted(WAN_SCHEDULERS))
-def test_wan_latents_and_frames_match_diffusers(kind, first_frame, monkeypatch):
-    pipe, reference = wan_pair(kind)
+PAIRS = {"animatediff": (animatediff_pair, run_animatediff), "wan": (wan_pair, run_wan)}
+
+
+@pytest.mark.parametrize("name,kind", [("animatediff", k) for k in sorted(SCHEDULERS)]
+                         + [("wan", k) for k in sorted(WAN_SCHEDULERS)])
+def test_latents_and_frames_match_diffusers(name, kind, first_frame, monkeypatch):
+    make_pair, run = PAIRS[name]
+    pipe, reference = make_pair(kind)
     free_first_frame(pipe, monkeypatch)
-    ours = pipe(first_frame, num_frames=FRAMES["wan"], num_inference_steps=STEPS, seed=0, **PLAIN)
-    assert_close(ours.latents, run_wan(reference))
-    levels = np.abs(ours.frames.astype(np.int16) - frames_to_uint8(run_wan(reference, "np")))
+    ours = pipe(first_frame, num_frames=FRAMES[name], num_inference_steps=STEPS, seed=0, **PLAIN)
+    assert_close(ours.latents, run(reference))
+    levels = np.abs(ours.frames.astype(np.int16) - frames_to_uint8(run(reference, "np")))
     assert levels.max() <= 1
 
 
