@@ -24,6 +24,16 @@ def pipe(tiny_base):
 
 
 @pytest.fixture
+def wan_base():
+    return load_base("tiny-wan")
+
+
+@pytest.fixture
+def wan_pipe(wan_base):
+    return MivaPipeline(wan_base)
+
+
+@pytest.fixture
 def first_frame():
     rng = np.random.default_rng(0)
     return (rng.random((32, 32, 3)) * 255).astype(np.uint8)

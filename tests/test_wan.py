@@ -19,11 +19,6 @@ from conftest import randomize, save_wan_layout
 
 
 @pytest.fixture
-def wan_base():
-    return load_base("tiny-wan")
-
-
-@pytest.fixture
 def clips():
     rng = np.random.default_rng(0)
     return [rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8) for _ in range(2)]

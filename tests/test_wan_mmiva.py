@@ -28,16 +28,6 @@ def masked(base="tiny-wan"):
 
 
 @pytest.fixture
-def wan_base():
-    return load_base("tiny-wan")
-
-
-@pytest.fixture
-def wan_pipe(wan_base):
-    return MivaPipeline(wan_base)
-
-
-@pytest.fixture
 def subject():
     mask = np.zeros((32, 32), np.float32)
     mask[:, :16] = 1  # the left half
