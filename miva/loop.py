@@ -93,6 +93,7 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)  # what the run was (checked on resume)
+    grad_scaler: dict = field(default_factory=dict)  # fp16 loss scaling's state (empty without it)
 
 
 def save_checkpoint(folder: Path, state: TrainState, params: dict[str, torch.Tensor], optimizer, extra: dict[str, torch.Tensor] | None = None) -> None:
@@ -116,7 +117,7 @@ def save_checkpoint(folder: Path, state: TrainState, params: dict[str, torch.Ten
     groups = optimizer.state_dict()["param_groups"]
     (folder / "state.json").write_text(json.dumps({
         "step": state.step, "losses": state.losses, "seconds": state.seconds, "meta": state.meta,
-        "param_groups": groups}, indent=1) + "\n")
+        "grad_scaler": state.grad_scaler, "param_groups": groups}, indent=1) + "\n")
 
 
 SHARD_BYTES = 15 * 2**20  # checkpoint files stay small enough to commit, upload and copy between machines
@@ -163,7 +164,8 @@ def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) ->
             state.setdefault(index[name], {})[moment] = value
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return TrainState(info["step"], info["losses"], info["seconds"], info.get("meta", {})), extra
+    return TrainState(info["step"], info["losses"], info["seconds"], info.get("meta", {}),
+                      info.get("grad_scaler", {})), extra
 
 
 ProgressCallback = Callable[[int, int, float, float], None]  # (step, total, loss, eta_seconds)
@@ -187,6 +189,7 @@ def run_training(
     should_stop: Callable[[], bool] | None = None,
     accelerator=None,
     accumulate: int = 1,
+    loss_scaling: bool = False,
 ) -> TrainState:
     """AdamW on `params` for `steps` steps of `loss_fn(step, generator)`, checkpointing to folder/checkpoint.
 
@@ -194,7 +197,9 @@ def run_training(
     returned in state.meta['ema'] as tensors' names); `should_stop` lets a UI stop between steps.
     With an `accelerate.Accelerator` of n processes or `accumulate` > 1, each step's batch is split
     into n x accumulate parts and `loss_fn(step, generator, part)` is the mean loss of `part` (see
-    the module's docstring); the main process alone writes checkpoints.
+    the module's docstring); the main process alone writes checkpoints. `loss_scaling` (for float16
+    autocast, whose small gradients would flush to zero) scales the loss with `torch.amp.GradScaler`,
+    skipping the steps whose gradients overflow; its scale is checkpointed with the run.
     """
     if accumulate < 1:
         raise ValueError(f"accumulate must be at least 1, not {accumulate}.")
@@ -204,6 +209,7 @@ def run_training(
     folder = Path(folder)
     ckpt = folder / CHECKPOINT_DIR
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(next(iter(params.values())).device.type, enabled=loss_scaling)
     averages = {k: p.detach().clone() for k, p in params.items()} if ema else {}
     state = TrainState(meta=dict(meta or {}))
     if resume and (ckpt / "state.json").is_file():
@@ -211,6 +217,8 @@ def run_training(
         if meta and {k: saved.get(k) for k in meta} != {k: meta[k] for k in meta}:
             raise ValueError(f"the checkpoint in '{folder}' is from a different run ({saved}); use another --out folder or drop --resume.")
         state, extra = load_checkpoint(ckpt, params, optimizer)
+        if loss_scaling and state.grad_scaler:
+            scaler.load_state_dict(state.grad_scaler)
         averages = {k: extra[f"ema.{k}"].to(p) if f"ema.{k}" in extra else p.detach().clone()
                     for k, p in params.items()} if ema else {}  # a run may resume on another device
     elif (ckpt / "state.json").is_file():
@@ -221,6 +229,7 @@ def run_training(
 
     def checkpoint() -> None:
         if main:
+            state.grad_scaler = scaler.state_dict()
             extra = {f"ema.{k}": v for k, v in averages.items()}
             save_checkpoint(ckpt, state, params, optimizer, extra)
         if world > 1:
@@ -234,7 +243,7 @@ def run_training(
             generator = step_generator(seed, state.step)  # the same whole-batch draws for every part
             loss = loss_fn(state.step, generator) if parts == 1 else loss_fn(state.step, generator,
                                                                               (rank * accumulate + k, parts))
-            (loss / accumulate).backward()
+            scaler.scale(loss / accumulate).backward()
             total += loss.detach().float().cpu() / accumulate
         if world > 1:
             grads = [p.grad for p in params.values() if p.grad is not None]
@@ -255,8 +264,10 @@ def run_training(
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(state.step)
         loss = backward()
+        scaler.unscale_(optimizer)  # after the processes' mean: an overflow anywhere skips the step everywhere
         torch.nn.utils.clip_grad_norm_(params.values(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if ema:
             with torch.no_grad():
                 for k, p in params.items():

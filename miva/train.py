@@ -231,6 +231,7 @@ def train_adapter(
                       **({"mask_loss_weight": mask_loss_weight} if config.masked and mask_loss_weight != 1 else {}),
                       **started},
                 callback=callback, should_stop=should_stop, accelerator=accelerator, accumulate=accumulate,
+                loss_scaling=mixed_precision == "float16",
             )
             base.unet.eval()
             if gradient_checkpointing:

@@ -152,3 +152,32 @@ def test_colour_variants_permute_channels_and_keep_everything_else():
     assert all(np.array_equal(np.sort(v, axis=-1), np.sort(clip, axis=-1)) for v in variants[:3])
     with pytest.raises(ValueError, match="augment must be 1 to 6"):
         colour_variants([clip], 7)
+
+
+def test_float16_loss_scaling_keeps_gradients_below_float16s_range_and_resumes_its_scale(tmp_path):
+    from miva.loop import run_training
+
+    def run(folder, loss_scaling, callback=None, resume=False):
+        w = torch.nn.Parameter(torch.ones(1024))
+
+        def loss(step, generator):  # d loss / d w = 1e-9 (float16 flushes it to 0); scaled, step 0's overflows
+            return (w.half() * 1e-3 * 1e-3).float().mean() * (1e5 if step == 0 and loss_scaling else 1.0)
+
+        state = run_training({"w": w}, loss, 4, folder, lr=1e-2, checkpoint_every=2, resume=resume,
+                             callback=callback, loss_scaling=loss_scaling)
+        return w.detach(), state
+
+    unscaled, _ = run(tmp_path / "plain", False)
+    assert torch.equal(unscaled, torch.ones(1024))  # every gradient underflowed
+    straight, state = run(tmp_path / "scaled", True)
+    assert (straight < 1).all()
+    assert state.grad_scaler["scale"] == 2.0**15 and state.grad_scaler["_growth_tracker"] == 3  # step 0 skipped
+
+    def crash(step, total, loss, eta):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", True, callback=crash)
+    resumed, state = run(tmp_path / "resumed", True, resume=True)
+    assert torch.equal(resumed, straight) and state.grad_scaler == run(tmp_path / "again", True)[1].grad_scaler
