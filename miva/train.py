@@ -234,8 +234,6 @@ def train_adapter(
                 loss_scaling=mixed_precision == "float16",
             )
             base.unet.eval()
-            if gradient_checkpointing:
-                set_gradient_checkpointing(base.unet, False)
             if state.step < steps:
                 return None
             if accelerator is not None and not accelerator.is_main_process:
@@ -251,6 +249,8 @@ def train_adapter(
             if accelerator is not None:
                 accelerator.wait_for_everyone()
             return out
-    finally:
+    finally:  # a failed or interrupted run leaves the shared base as it found it
         base.unet.eval()
+        if gradient_checkpointing:
+            set_gradient_checkpointing(base.unet, False)
         detach(base.unet, name)

@@ -134,6 +134,19 @@ def test_gradient_checkpointing_recomputes_the_motion_modules_with_the_same_grad
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
 
 
+
+def test_an_interrupted_checkpointed_run_turns_checkpointing_off_again(pipe, clips, tmp_path):
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    def crash(step, total, loss, eta):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(pipe, clips, tmp_path / "a", "spin", callback=crash, gradient_checkpointing=True, **FAST)
+    unet = pipe.base.unet
+    assert not unet.is_gradient_checkpointing
+    assert not any("forward" in vars(m) for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D))
+
 def test_bad_training_input(pipe, clips, tmp_path):
     with pytest.raises(ValueError, match="no clips"):
         train_adapter(pipe, [], tmp_path / "x", "spin", **FAST)
